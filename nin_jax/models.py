@@ -1,0 +1,460 @@
+"""Network In Network (Lin, Chen & Yan, ICLR 2014) in Flax Linen.
+
+The two ideas of the paper, each in one place:
+
+* `MlpConv`: a k×k convolution followed by a small MLP shared over positions, written as 1×1
+  convolutions (the paper's "cascaded cross channel parametric pooling", *cccp*), ReLU after each.
+* Global average pooling (`NIN`, head 'gap'): the last mlpconv outputs one map per class and the
+  spatial mean of each map is that class's logit. The maps are the class confidence maps of the
+  paper's Figure 4; they are sown as `intermediates/class_maps`.
+
+`get_model(name, num_classes)` builds the authors' nets exactly (layer widths, kernels, pools,
+dropout, ReLU after the last cccp) and the small NIN of the seed notes. `lr_multipliers` and
+`weight_decay_mask` hold the authors' per-layer optimizer settings as data.
+
+Layouts: images NHWC float32; conv kernels HWIO `(k, k, C_in, C_out)` for every layer, the 1×1
+cccp layers included (their kernels are `(1, 1, C_in, C_out)`), biases `(C_out,)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nin_jax.errors import UserError
+
+Initializer = Callable[..., jax.Array]
+
+CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid')
+HEADS = ('gap', 'fc', 'fc_dropout')
+INITS = ('he', 'paper')
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """The k×k convolution's implementation; all compute the same function and gradients.
+
+  'xla': XLA's convolution throughout (cuDNN on GPU, the TPU's own; YNNPACK on CPU).
+  'im2col': one matrix product over patches (`im2col`), forward and backward.
+  'hybrid': XLA's convolution forward and for the input gradient, matrix products for the
+    kernel gradient (`conv_hybrid`).
+  'auto': 'hybrid' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
+    CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product, but its
+    kernel gradient runs at half that speed (a twentieth with 3 input channels), while building
+    patches for im2col costs about as much as the product itself. On GPU/TPU the native
+    convolution is the fast path throughout.
+  """
+  if impl not in CONV_IMPLS:
+    raise UserError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}')
+  if impl == 'auto':
+    return 'hybrid' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def im2col(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.Array:
+  """(N, H, W, C) -> (N, Ho, Wo, k*k*C) patches, feature order (row, col, channel).
+
+  That order matches an HWIO kernel reshaped to (k*k*C, F), so a convolution is
+  `im2col(x) @ kernel.reshape(-1, F)`. Built from k*k strided slices, whose backward pass is a
+  cheap scatter-add, rather than from an identity convolution; stacked on a new axis, which XLA's
+  CPU writes twice as fast as a concatenation of k*k operands.
+  """
+  k, s, p = kernel_size, stride, padding
+  if p:
+    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  n, h, w, c = x.shape
+  ho, wo = (h - k) // s + 1, (w - k) // s + 1
+  if k == 1:
+    return x[:, ::s, ::s, :][:, :ho, :wo]
+  cols = [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+          for i in range(k) for j in range(k)]
+  return jnp.stack(cols, axis=3).reshape(n, ho, wo, k * k * c)
+
+
+def _shifts(x: jax.Array, kernel_size: int, stride: int, padding: int) -> list[jax.Array]:
+  """The k*k shifted (and strided) views of the zero-padded x, each (N, Ho, Wo, C), in the
+  kernel's (row, col) order: tap (i, j) of the kernel multiplies shift i*k + j."""
+  k, s, p = kernel_size, stride, padding
+  if p:
+    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  _, h, w, _ = x.shape
+  ho, wo = (h - k) // s + 1, (w - k) // s + 1
+  return [x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+          for i in range(k) for j in range(k)]
+
+
+def conv_xla(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """XLA's convolution: x (N, H, W, C) NHWC, kernel (k, k, C, F) HWIO -> (N, Ho, Wo, F)."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """The same convolution as one matrix product: patches (N, Ho, Wo, k*k*C) @ (k*k*C, F)."""
+  k, f = kernel.shape[0], kernel.shape[-1]
+  return im2col(x, k, stride, padding) @ kernel.reshape(-1, f)
+
+
+def conv_shifts(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """The same convolution as k*k matrix products over channels: Σ_ij shift_ij(x) @ kernel[i, j].
+
+  Its kernel gradient is k*k products shift_ij(x)ᵀ @ dy, (C, N·Ho·Wo) @ (N·Ho·Wo, F), which
+  need no patch matrix: the fastest kernel gradient on CPU when C is not tiny.
+  """
+  k = kernel.shape[0]
+  terms = [xs @ kernel[t // k, t % k] for t, xs in enumerate(_shifts(x, k, stride, padding))]
+  return functools.reduce(jnp.add, terms)
+
+
+# Below this many input channels the shifted products of `conv_shifts` are too thin (C rows) to
+# run fast and one product over the k*k*C rows of `conv_im2col` wins (the first layer: C = 1, 3).
+_MIN_CHANNELS_FOR_SHIFTS = 16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_hybrid(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """`conv_xla`, differentiated piecewise by whatever computes each gradient fastest on CPU.
+
+  Value and input gradient: XLA's convolution (the input gradient is a convolution too). Kernel
+  gradient: the transpose of `conv_shifts` (or of `conv_im2col` when C is tiny), i.e. matrix
+  products of shifted inputs with dy. Every piece is an exact formula for the same function.
+  """
+  return conv_xla(x, kernel, stride, padding)
+
+
+def _conv_hybrid_fwd(x, kernel, stride, padding):
+  return conv_xla(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_hybrid_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  _, x_vjp = jax.vjp(lambda x: conv_xla(x, kernel, stride, padding), x)
+  products = conv_im2col if x.shape[-1] < _MIN_CHANNELS_FOR_SHIFTS else conv_shifts
+  _, kernel_vjp = jax.vjp(lambda kernel: products(x, kernel, stride, padding), kernel)
+  return x_vjp(dy)[0], kernel_vjp(dy)[0]
+
+
+conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
+
+CONV_FUNCTIONS = {'xla': conv_xla, 'im2col': conv_im2col, 'hybrid': conv_hybrid}
+
+
+class Conv(nn.Module):
+  """A k×k convolution with symmetric zero padding, NHWC; 1×1 ones are products over channels.
+
+  Attributes:
+    features: output channels.
+    kernel_size: k.
+    stride: spatial stride.
+    padding: zero padding on each side.
+    impl: 'auto', 'xla', 'im2col' or 'hybrid' (same function; see `resolve_conv_impl`).
+    kernel_init, bias_init: initializers; parameters are always float32.
+    dtype: the dtype of the computation (float32, or bfloat16 on accelerators).
+
+  Input (N, H, W, C_in), output (N, Ho, Wo, features) in `dtype`; parameters `kernel`
+  (k, k, C_in, features) HWIO and `bias` (features,), float32.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  impl: str = 'auto'
+  kernel_init: Initializer = nn.initializers.he_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, f = self.kernel_size, self.features
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], f), jnp.float32)
+    bias = self.param('bias', self.bias_init, (f,), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if k == 1 and self.stride == 1 and self.padding == 0:
+      y = x @ kernel[0, 0]
+    else:
+      conv = CONV_FUNCTIONS[resolve_conv_impl(self.impl)]
+      y = conv(x, kernel, self.stride, self.padding)
+    return y + bias.astype(self.dtype)
+
+
+class MlpConv(nn.Module):
+  """One mlpconv layer: a k×k convolution, then 1×1 "cccp" convolutions, ReLU after each.
+
+  Attributes:
+    widths: output channels of the k×k conv then of each cccp, e.g. (192, 160, 96).
+    kernel_size, stride, padding: of the k×k convolution (the cccps are 1×1, stride 1).
+    final_activation: ReLU after the last layer too (the authors' nets: yes).
+    kernel_inits: one initializer per layer (default He normal); biases start at zero.
+    conv_impl, dtype: see `Conv`.
+
+  Parameters are named `conv`, `cccp1`, `cccp2`, ... . Input (N, H, W, C_in), output
+  (N, Ho, Wo, widths[-1]).
+  """
+  widths: Sequence[int]
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  final_activation: bool = True
+  kernel_inits: Sequence[Initializer] | None = None
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    inits = self.kernel_inits or [nn.initializers.he_normal()] * len(self.widths)
+    for i, (width, init) in enumerate(zip(self.widths, inits, strict=True)):
+      first = i == 0
+      x = Conv(width,
+               kernel_size=self.kernel_size if first else 1,
+               stride=self.stride if first else 1,
+               padding=self.padding if first else 0,
+               impl=self.conv_impl, kernel_init=init, dtype=self.dtype,
+               name='conv' if first else f'cccp{i}')(x)
+      if i < len(self.widths) - 1 or self.final_activation:
+        x = nn.relu(x)
+    return x
+
+
+def pooled_size(size: int) -> int:
+  """Output size of the authors' 3×3 stride-2 pools: ceil-style, 32→16→8, 28→14→7."""
+  return max(1, math.ceil((size - 3) / 2) + 1)
+
+
+def pool(x: jax.Array, kind: str) -> jax.Array:
+  """3×3 stride-2 max or average pooling with cuda-convnet/Caffe's ceil-style output size.
+
+  The windows that hang over the bottom/right edge are padded; max ignores the padding and
+  average divides by the number of real pixels in the window (padding excluded), as Caffe does.
+  """
+  pads = [(0, max(0, 2 * (pooled_size(n) - 1) + 3 - n)) for n in x.shape[1:3]]
+  if kind == 'max':
+    return nn.max_pool(x, (3, 3), (2, 2), pads)
+  if kind == 'avg':
+    return nn.avg_pool(x, (3, 3), (2, 2), pads, count_include_pad=False)
+  raise ValueError(f'pool kind {kind!r}: expected max or avg')
+
+
+class NIN(nn.Module):
+  """A Network In Network: mlpconv blocks, pools and dropout between them, then a classifier.
+
+  Attributes:
+    num_classes: C.
+    widths: per block, the widths of its layers; for the 'gap' head the last one must be C.
+    kernel_sizes, strides, paddings: per block, of its k×k convolution.
+    pools: between consecutive blocks, 'max' or 'avg' (3×3, stride 2, ceil-style).
+    dropout_after: between consecutive blocks, whether dropout follows the pool.
+    dropout_rate: the paper's 0.5.
+    head: 'gap' (global average pooling of the last block's C maps: the paper), 'fc'
+      (flatten the last block's maps, one fully connected layer) or 'fc_dropout' (dropout before
+      that layer): the Table 5 ablation.
+    final_activation: ReLU after the last cccp (the authors' nets: yes).
+    kernel_inits: per block, per layer initializers (None: He normal).
+    conv_impl, dtype: see `Conv`. Logits are float32 whatever the dtype.
+  """
+  num_classes: int
+  widths: Sequence[Sequence[int]]
+  kernel_sizes: Sequence[int]
+  strides: Sequence[int]
+  paddings: Sequence[int]
+  pools: Sequence[str]
+  dropout_after: Sequence[bool]
+  dropout_rate: float = 0.5
+  head: str = 'gap'
+  final_activation: bool = True
+  kernel_inits: Sequence[Sequence[Initializer]] | None = None
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    """images: (N, H, W, C_in) float32 -> logits (N, num_classes) float32.
+
+    Dropout is active only when `train` is True (rng collection 'dropout').
+    """
+    x = images.astype(self.dtype)
+    num_blocks = len(self.widths)
+    for b in range(num_blocks):
+      k, s, p = self.kernel_sizes[b], self.strides[b], self.paddings[b]
+      if min(x.shape[1:3]) + 2 * p < k:
+        raise UserError(
+            f'input of {images.shape[1]}x{images.shape[2]} pixels is too small for this model: '
+            f'block {b + 1} gets {x.shape[1]}x{x.shape[2]} maps but has a {k}x{k} kernel; '
+            'use a larger image_size or a model made for small images (e.g. nin_small)')
+      x = MlpConv(self.widths[b], kernel_size=k, stride=s, padding=p,
+                  final_activation=self.final_activation or b < num_blocks - 1,
+                  kernel_inits=self.kernel_inits[b] if self.kernel_inits else None,
+                  conv_impl=self.conv_impl, dtype=self.dtype, name=f'mlpconv{b + 1}')(x)
+      if b < num_blocks - 1:
+        x = pool(x, self.pools[b])
+        if self.dropout_after[b]:
+          x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    if self.head == 'gap':
+      if x.shape[-1] != self.num_classes:
+        raise ValueError(f'the gap head needs {self.num_classes} maps, got {x.shape[-1]}')
+      self.sow('intermediates', 'class_maps', x)
+      logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    elif self.head in ('fc', 'fc_dropout'):
+      x = x.reshape(x.shape[0], -1)
+      if self.head == 'fc_dropout':
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc',
+                        kernel_init=nn.initializers.he_normal())(x).astype(jnp.float32)
+    else:
+      raise UserError(f'head={self.head!r}: expected one of {HEADS}')
+    return logits
+
+
+# --- The model zoo -------------------------------------------------------------------------------
+# `None` in `widths` stands for the number of classes (the last cccp of a GAP net). `paper_stds`
+# are the authors' Gaussian init stds per layer (nin-reference.md, "Architectures"): cuda-convnet
+# uses 0.05 for every CIFAR-10 weight, and its CIFAR-100 definition changes conv1 to 0.001 and
+# cccp1/2 to 0.01 (applied below when num_classes == 100). The SVHN and MNIST definitions are
+# "coming soon" in the authors' folder and ImageNet's Caffe init is not in our sources: those get
+# 0.05 too, so use init='he' for them (their configs do).
+
+_CIFAR = dict(kernel_sizes=(5, 5, 3), strides=(1, 1, 1), paddings=(2, 2, 1),
+              widths=((192, 160, 96), (192, 192, 192), (192, 192, None)),
+              pools=('max', 'max'), dropout_after=(True, True))
+
+MODELS: dict[str, dict[str, Any]] = {
+    # The authors' cuda-convnet CIFAR-10/100 net: 966,986 parameters with 10 classes.
+    'nin_cifar': _CIFAR,
+    # The Caffe Model Zoo "NIN CIFAR10": identical but for an average second pool.
+    'nin_cifar_caffe': dict(_CIFAR, pools=('max', 'avg')),
+    'nin_svhn': dict(kernel_sizes=(5, 5, 5), strides=(1, 1, 1), paddings=(2, 2, 2),
+                     widths=((128, 96, 64), (320, 256, 128), (384, 256, None)),
+                     pools=('max', 'max'), dropout_after=(True, True)),
+    'nin_mnist': dict(kernel_sizes=(5, 5, 5), strides=(1, 1, 1), paddings=(2, 2, 2),
+                      widths=((96, 64, 48), (128, 96, 48), (128, 96, None)),
+                      pools=('max', 'max'), dropout_after=(True, True)),
+    # The Caffe Model Zoo ImageNet NIN, 224×224: 54→27→13→6 maps, then a 6×6 average = GAP.
+    'nin_imagenet': dict(kernel_sizes=(11, 5, 3, 3), strides=(4, 1, 1, 1), paddings=(0, 2, 1, 1),
+                         widths=((96, 96, 96), (256, 256, 256), (384, 384, 384),
+                                 (1024, 1024, None)),
+                         pools=('max', 'max', 'max'), dropout_after=(False, False, True)),
+    # The seed notes' second Keras model and d2l.ai's NiN: the ImageNet shape (four mlpconvs,
+    # three pools, dropout only before the last block, whose three layers all have C maps) sized
+    # for 28×28 grayscale and a laptop: 28→14→7→3 maps, 5×5 then 3×3 kernels at stride 1 (an
+    # 11×11/4 first layer would leave nothing of 28 pixels), widths 32/64/128 so a CPU trains the
+    # 62 characters in minutes (about 20M multiply-accumulates per image).
+    'nin_small': dict(kernel_sizes=(5, 5, 3, 3), strides=(1, 1, 1, 1), paddings=(2, 2, 1, 1),
+                      widths=((32, 32, 32), (64, 64, 64), (128, 128, 128), (None, None, None)),
+                      pools=('max', 'max', 'max'), dropout_after=(False, False, True)),
+}
+
+
+def _paper_stds(name: str, widths: Sequence[Sequence[int]], num_classes: int) -> list[list[float]]:
+  stds = [[0.05] * len(w) for w in widths]
+  if name in ('nin_cifar', 'nin_cifar_caffe') and num_classes == 100:
+    stds[0] = [0.001, 0.01, 0.01]
+  return stds
+
+
+def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap',
+              **overrides: Any) -> NIN:
+  """A net from the zoo (`MODELS`) for `num_classes` classes.
+
+  Args:
+    name: a key of `MODELS`.
+    num_classes: C; the last cccp of a GAP net gets C maps.
+    init: 'he' (He normal weights, the robust choice) or 'paper' (the authors' Gaussian stds).
+    head: 'gap', 'fc' or 'fc_dropout'. With the fc heads, the last cccp keeps the width of the
+      layer before it (192 for CIFAR) instead of C: our reading of the paper's Table 5.
+    **overrides: any other `NIN` field (e.g. widths for a tiny test net, dropout_rate, dtype,
+      conv_impl, final_activation).
+  """
+  if name not in MODELS:
+    raise UserError(f'model={name!r}: expected one of {sorted(MODELS)}')
+  if init not in INITS:
+    raise UserError(f'init={init!r}: expected one of {INITS}')
+  if head not in HEADS:
+    raise UserError(f'head={head!r}: expected one of {HEADS}')
+  if num_classes < 2:
+    raise UserError(f'num_classes={num_classes}: a classifier needs at least 2 classes')
+  spec = {**MODELS[name], **overrides}
+  widths = []
+  for block in spec['widths']:
+    row = []
+    for w in block:
+      if w is None:
+        w = num_classes if head == 'gap' else (row[-1] if row else widths[-1][-1])
+      row.append(int(w))
+    widths.append(tuple(row))
+  spec['widths'] = tuple(widths)
+  if init == 'paper' and 'kernel_inits' not in overrides:
+    spec['kernel_inits'] = tuple(
+        tuple(nn.initializers.normal(stddev=s) for s in row)
+        for row in _paper_stds(name, widths, num_classes))
+  for key in ('kernel_sizes', 'strides', 'paddings', 'pools', 'dropout_after'):
+    spec[key] = tuple(spec[key])
+  return NIN(num_classes=num_classes, head=head, **spec)
+
+
+def model_from_config(config) -> NIN:
+  """The model a run's config asks for (fields model, num_classes, init, head, dropout_rate,
+  dtype, conv_impl)."""
+  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if config.dtype not in dtypes:
+    raise UserError(f'dtype={config.dtype!r}: expected one of {sorted(dtypes)}')
+  return get_model(config.model, config.num_classes, init=config.init, head=config.head,
+                   dropout_rate=config.dropout_rate, dtype=dtypes[config.dtype],
+                   conv_impl=config.conv_impl)
+
+
+def multiply_accumulates(model: NIN, image_size: int, image_channels: int = 3) -> int:
+  """Multiply-accumulates of one forward pass on one image_size² image with image_channels
+  channels: convolutions and the fc head; pools, ReLUs and the global average not counted."""
+  size, c_in, macs = image_size, image_channels, 0
+  for b, block in enumerate(model.widths):
+    k, s, p = model.kernel_sizes[b], model.strides[b], model.paddings[b]
+    size = (size + 2 * p - k) // s + 1
+    for i, width in enumerate(block):
+      macs += size * size * (k * k if i == 0 else 1) * c_in * width
+      c_in = width
+    if b < len(model.widths) - 1:
+      size = pooled_size(size)
+  if model.head != 'gap':
+    macs += size * size * c_in * model.num_classes
+  return macs
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+# --- The authors' per-layer optimizer settings, as data ------------------------------------------
+
+def _last_cccp(params) -> tuple[str, str] | None:
+  blocks = sorted((k for k in params if k.startswith('mlpconv')), key=lambda k: int(k[7:]))
+  if not blocks:
+    return None
+  layers = sorted((k for k in params[blocks[-1]] if k.startswith('cccp')), key=lambda k: int(k[4:]))
+  return (blocks[-1], layers[-1]) if layers else None
+
+
+def lr_multipliers(params) -> Any:
+  """Per-leaf learning-rate multipliers, the authors' rule (nin-reference.md):
+
+  weights ×1, biases ×2, and the last cccp (both its weights and bias) ×0.1 (Caffe's
+  `blobs_lr 0.1 0.1` on cccp6). A pytree of Python floats with the structure of `params`.
+  """
+  last = _last_cccp(params)
+
+  def rule(path, _):
+    names = tuple(getattr(k, 'key', str(k)) for k in path)
+    if last is not None and names[:2] == last:
+      return 0.1
+    return 2.0 if names[-1] == 'bias' else 1.0
+
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def weight_decay_mask(params) -> Any:
+  """True for weights (kernels), False for biases: no weight decay on biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', '') == 'kernel', params)
