@@ -75,7 +75,7 @@ EXPECTED_PARAMS = {
 
 def test_every_registry_entry_has_a_written_out_count():
   names = {key[0] for key in EXPECTED_PARAMS} | {'nin_cifar_caffe'}
-  assert names == set(models.MODELS)
+  assert names == {name for name in models.MODELS if not name.startswith('_')}
 
 
 @pytest.mark.parametrize('key', sorted(EXPECTED_PARAMS), ids=lambda k: f'{k[0]}-{k[1]}')

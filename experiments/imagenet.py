@@ -1,0 +1,37 @@
+"""ImageNet: the Caffe Model Zoo NIN, 59.36% top-1 accuracy (40.64% error). For GPUs/TPUs.
+
+  python -m nin_jax.main --config experiments/imagenet.py --workdir runs/imagenet
+
+Caffe's solver: batch 64, lr 0.01 x0.1 every 200k of 450k iterations, momentum 0.9, weight decay
+5e-4, 224x224 crops with mirroring. Needs TFDS's imagenet2012 prepared by hand (manual download).
+"""
+
+from experiments import default
+
+
+def get_config():
+  config = default.get_config()
+  config.experiment = 'imagenet'
+  config.dataset = 'imagenet2012'
+  config.data_dir = ''
+  config.generate_chars = False
+  config.model = 'nin_imagenet'
+  config.num_classes = 1000
+  config.image_size = 224
+  config.image_channels = 3
+  config.preprocess = 'standardize'
+  config.augment = 'translate_flip'
+  config.translate_pixels = 16
+  config.batch_size = 64
+  config.eval_batch_size = 256
+  config.num_train_steps = 450_000
+  config.schedule = 'step'
+  config.step_fractions = (200_000 / 450_000, 400_000 / 450_000)
+  config.warmup_fraction = 0.005
+  config.learning_rate = 0.01
+  config.weight_decay = 5e-4
+  config.dtype = 'bfloat16'
+  config.log_every_steps = 500
+  config.eval_every_steps = 10_000
+  config.checkpoint_every_steps = 5_000
+  return config

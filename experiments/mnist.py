@@ -1,0 +1,34 @@
+"""MNIST, Table 4: no augmentation, 0.47% test error.
+
+  python -m nin_jax.main --config experiments/mnist.py --workdir runs/mnist
+
+Pixels scaled to [0, 1] as maxout's MNIST; nin_mnist is the best public guess of the authors'
+("coming soon") definition.
+"""
+
+from experiments import default
+
+
+def get_config():
+  config = default.get_config()
+  config.experiment = 'mnist'
+  config.dataset = 'mnist'
+  config.data_dir = ''
+  config.generate_chars = False
+  config.model = 'nin_mnist'
+  config.num_classes = 10
+  config.image_size = 28
+  config.image_channels = 1
+  config.preprocess = 'none'
+  config.augment = 'none'
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.num_epochs = 100
+  config.schedule = 'step'
+  config.step_fractions = (0.7, 0.85)
+  config.warmup_fraction = 0.01
+  config.learning_rate = 0.01
+  config.weight_decay = 1e-4
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  return config

@@ -1,0 +1,261 @@
+"""Tests for nin_jax.train and nin_jax.main: the trainer, its files, resume and failures."""
+
+import glob
+import importlib
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import REPO, read_metrics, run_main, tiny_config
+from nin_jax import train
+from nin_jax.errors import UserError
+
+EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments', '*.py'))
+                     if not p.endswith('__init__.py'))
+
+
+def load_experiment(name):
+  return importlib.import_module(f'experiments.{name}').get_config()
+
+
+# --- Every experiment config --------------------------------------------------------------------
+
+def test_every_config_documents_its_command_and_has_every_field():
+  required = ['dataset', 'data_dir', 'model', 'num_classes', 'image_size', 'image_channels',
+              'batch_size', 'num_epochs', 'num_train_steps', 'learning_rate', 'schedule',
+              'weight_decay', 'init', 'preprocess', 'augment', 'seed', 'log_every_steps',
+              'eval_every_steps', 'checkpoint_every_steps']
+  for name in EXPERIMENTS:
+    module = importlib.import_module(f'experiments.{name}')
+    assert f'--config experiments/{name}.py' in module.__doc__, name
+    config = module.get_config()
+    assert all(key in config for key in required), name
+    assert config.experiment == name
+
+
+@pytest.mark.parametrize('name', [n for n in EXPERIMENTS if n not in ('default', 'chars')])
+def test_experiment_runs_under_mock_data(name, tmp_path):
+  config = load_experiment(name)
+  config.batch_size = config.eval_batch_size = 4
+  config.num_train_steps = 2
+  config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.progress_bar = False
+  config.data_dir = str(tmp_path / 'tfds')
+  if name == 'imagenet':  # full size on CPU is too slow for a test; the net is tested in models
+    config.image_size = 32
+    config.model = '_nin_tiny'
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state['step']) == 2
+  results = json.load(open(tmp_path / 'run' / 'results.json'))
+  assert results['experiment'] == name and results['step'] == 2
+  assert 0.0 <= results['test_error'] <= 1.0 and math.isfinite(results['test_loss'])
+
+
+def test_quickstart_config_generates_its_characters(tmp_path):
+  config = load_experiment('chars')
+  config.data_dir = str(tmp_path / 'chars')
+  config.chars_per_class = 2
+  config.test_fraction = 0.5
+  config.batch_size = config.eval_batch_size = 16
+  config.num_train_steps = 1
+  config.progress_bar = False
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert len(os.listdir(tmp_path / 'chars')) == 62
+  names = json.load(open(tmp_path / 'run' / 'class_names.json'))
+  assert len(names) == 62 and names == sorted(names)
+
+
+# --- The run's files ---------------------------------------------------------------------------
+
+def test_run_writes_its_files_and_learns(blobs_folder, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(blobs_folder, num_train_steps=60), workdir)
+  for name in ('config.json', 'class_names.json', 'preprocessing.npz', 'metrics.jsonl',
+               'results.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  metrics = read_metrics(workdir)
+  train_lines = [m for m in metrics if 'train_loss' in m]
+  eval_lines = [m for m in metrics if 'test_loss' in m]
+  assert [m['step'] for m in train_lines] == list(range(4, 61, 4))
+  for m in train_lines:
+    assert set(m) >= {'train_loss', 'train_accuracy', 'learning_rate', 'images_per_sec'}
+  assert {m['step'] for m in eval_lines} == {12, 24, 36, 48, 60}
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  assert set(results) >= {'dataset', 'model', 'step', 'test_loss', 'test_accuracy', 'test_error',
+                          'num_test_examples', 'train_images_per_sec', 'wall_seconds'}
+  assert results['num_test_examples'] == 24  # 10% of 240, each counted once
+  assert results['test_accuracy'] > 0.9, results
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model'] == '_nin_tiny'
+
+
+def test_learning_rate_schedules():
+  config = tiny_config('unused', learning_rate=1.0, warmup_fraction=0.1, num_train_steps=100)
+  config.schedule = 'step'
+  config.step_fractions = (0.5, 0.75)
+  lr = train.create_learning_rate_fn(config, 100)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert [float(lr(s)) for s in (20, 49, 50, 74, 75, 99)] == pytest.approx(
+      [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+  config.schedule = 'cosine'
+  lr = train.create_learning_rate_fn(config, 100)
+  assert float(lr(10)) == pytest.approx(1.0) and float(lr(100)) == pytest.approx(0.0, abs=1e-6)
+  assert float(lr(55)) == pytest.approx(0.5, abs=0.01)
+  # Durations scale with the run: half the run, half of every phase.
+  lr50 = train.create_learning_rate_fn(config, 50)
+  assert float(lr50(5)) == pytest.approx(1.0) and float(lr50(27)) == pytest.approx(0.5, abs=0.02)
+  config.schedule = 'bogus'
+  with pytest.raises(UserError, match='schedule'):
+    train.create_learning_rate_fn(config, 100)
+
+
+def test_plateau_schedule_drops_twice_when_training_accuracy_stalls():
+  config = tiny_config('unused', schedule='plateau', warmup_fraction=0.0, num_train_steps=1000,
+                       plateau_patience_fraction=0.02, lr_multipliers='none', weight_decay=0.0)
+  params = {'w': np.ones(3, np.float32)}
+  lr_fn = train.create_learning_rate_fn(config, 1000)
+  tx = train.create_optimizer(config, params, lr_fn, steps_per_epoch=10, num_steps=1000)
+  state = tx.init(params)
+  scales = []
+  for step in range(300):  # the error never improves: drop after 2 epochs of patience, twice
+    _, state = tx.update({'w': np.ones(3, np.float32)}, state, params, value=0.5)
+    scales.append(float(train.plateau_scale(state)))
+  assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.01)
+  assert sorted(set(np.round(scales, 6))) == pytest.approx([0.01, 0.1, 1.0])
+
+
+def test_paper_multipliers_scale_the_update(blobs_folder):
+  config = tiny_config(blobs_folder, weight_decay=0.0, momentum=0.0, warmup_fraction=0.0,
+                       schedule='constant', learning_rate=1.0)
+  from nin_jax import models
+  model = models.model_from_config(config)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 12, 12, 1)),
+                                             train=False))['params']
+  ones = jax.tree_util.tree_map(lambda p: np.ones(p.shape, np.float32), params)
+  tx = train.create_optimizer(config, params, train.create_learning_rate_fn(config, 10), 10, 10)
+  updates, _ = tx.update(ones, tx.init(ones), ones, value=0.0)
+  assert float(updates['mlpconv1']['conv']['kernel'].mean()) == pytest.approx(-1.0)
+  assert float(updates['mlpconv1']['conv']['bias'].mean()) == pytest.approx(-2.0)
+  assert float(updates['mlpconv2']['cccp1']['kernel'].mean()) == pytest.approx(-0.1)
+  assert float(updates['mlpconv2']['cccp1']['bias'].mean()) == pytest.approx(-0.1)
+
+
+# --- Devices, resume, failures ------------------------------------------------------------------
+
+def _losses(workdir):
+  return [m['train_loss'] for m in read_metrics(workdir) if 'train_loss' in m]
+
+
+def test_one_and_eight_devices_give_the_same_losses(blobs_folder, tmp_path):
+  config = tiny_config(blobs_folder, num_train_steps=12, log_every_steps=1)
+  one = run_main(tmp_path / 'one', config, devices=1)
+  eight = run_main(tmp_path / 'eight', config, devices=8)
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  assert 'over 8 devices' in eight.stderr
+  np.testing.assert_allclose(_losses(tmp_path / 'one'), _losses(tmp_path / 'eight'), rtol=2e-4)
+  assert len(_losses(tmp_path / 'one')) == 12
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(blobs_folder, tmp_path):
+  result = run_main(tmp_path / 'run', tiny_config(blobs_folder, batch_size=12), devices=8)
+  assert result.returncode == 2
+  assert 'error: batch_size=12 does not divide by the 8 devices' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def _final(workdir):
+  metrics = read_metrics(workdir)
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  return metrics, results['test_loss']
+
+
+def test_two_identical_runs_give_identical_metrics(blobs_folder, tmp_path):
+  config = tiny_config(blobs_folder)
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  train.train_and_evaluate(config, a)
+  train.train_and_evaluate(config, b)
+  strip = lambda ms: [{k: v for k, v in m.items() if k != 'images_per_sec'} for m in ms]
+  assert len(read_metrics(a)) == 8
+  assert strip(read_metrics(a)) == strip(read_metrics(b))
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=240):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  while time.time() < deadline:
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')):
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.02)
+  return False
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGKILL], ids=['sigterm', 'kill9'])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(blobs_folder, tmp_path, sig):
+  config = tiny_config(blobs_folder, num_train_steps=300, log_every_steps=10,
+                       eval_every_steps=150, checkpoint_every_steps=10)
+  straight, broken = str(tmp_path / 'straight'), str(tmp_path / 'broken')
+  assert run_main(straight, config).returncode == 0
+  proc = run_main(broken, config, wait=False)
+  try:
+    assert _wait_for_checkpoint(broken, 50, proc), 'no checkpoint appeared'
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 143, out[-3000:]
+    assert 'preempted: SIGTERM: saved the checkpoint of step' in out
+    assert 'Traceback' not in out
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(os.path.join(broken, 'results.json'))
+  resumed = run_main(broken, config)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step' in resumed.stderr
+  straight_metrics, straight_loss = _final(straight)
+  broken_metrics, broken_loss = _final(broken)
+  strip = lambda ms: [{k: v for k, v in m.items() if k != 'images_per_sec'} for m in ms]
+  assert strip(broken_metrics) == strip(straight_metrics)  # no step twice, same values
+  assert broken_loss == straight_loss
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(blobs_folder, tmp_path):
+  config = tiny_config(blobs_folder, learning_rate=1e12, warmup_fraction=0.0, num_train_steps=40,
+                       schedule='constant', log_every_steps=1, checkpoint_every_steps=1)
+  result = run_main(tmp_path / 'run', config)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  line = [l for l in result.stderr.splitlines() if l.startswith('error:')][0]
+  assert 'not finite at step' in line
+  bad_step = int(line.split('not finite at step ')[1].split(';')[0])
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'run' / 'checkpoints') if s.isdigit())
+  assert saved and max(saved) < bad_step
+  assert not os.path.exists(tmp_path / 'run' / 'results.json')
+
+
+def test_chance_level_watch():
+  assert train.warn_if_at_chance(math.log(10) + 0.001, 10, 300)
+  assert not train.warn_if_at_chance(1.2, 10, 300)
+
+
+def test_digits_through_the_folder_pipeline_reach_95_percent(digits_folder, tmp_path):
+  """scikit-learn's real 8×8 digits, written as a folder tree, trained with the small NIN."""
+  config = tiny_config(digits_folder, model='nin_small', num_classes=10, image_size=16,
+                       batch_size=32, eval_batch_size=200, num_train_steps=-1, num_epochs=12,
+                       learning_rate=0.01, augment='none', log_every_steps=50,
+                       eval_every_steps=-1, checkpoint_every_steps=-1, dropout_rate=0.0)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  results = json.load(open(tmp_path / 'run' / 'results.json'))
+  assert results['num_test_examples'] == 180
+  assert results['test_accuracy'] >= 0.95, results
