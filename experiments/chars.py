@@ -24,7 +24,7 @@ def get_config():
   config.preprocess = 'standardize'
   config.augment = 'translate'
   config.batch_size = 128
-  config.num_epochs = 12
+  config.num_epochs = 6
   # NIN without normalization sits near ln(62) for its first ~150 steps, then learns fast: a
   # higher rate kills units in that phase, so warm up over 5% of the run to a moderate peak.
   config.learning_rate = 0.02

@@ -472,9 +472,15 @@ def test_batch_size_must_split_over_processes(tmp_path):
                                process_index=0, process_count=2)
 
 
-def test_imagenet_is_refused_clearly():
-  with pytest.raises(UserError, match='imagenet2012'):
-    _create(_config(dataset='imagenet2012', num_classes=1000))
+def test_imagenet_loads_when_small_and_stops_clearly_when_too_big(tmp_path, monkeypatch):
+  config = _config(dataset='imagenet2012', num_classes=1000, data_dir=str(tmp_path),
+                   image_size=16, image_channels=3, batch_size=4, eval_batch_size=4)
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = _create(config)
+    assert data.num_train_examples == 6 and data.image_shape == (16, 16, 3)
+    monkeypatch.setattr(input_pipeline, 'IN_MEMORY_MAX_BYTES', 1000)
+    with pytest.raises(UserError, match='does not fit this in-memory pipeline'):
+      _create(config)
 
 
 def test_benchmark_runs_on_mock_data():

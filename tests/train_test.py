@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
 
 from conftest import REPO, read_metrics, run_main, tiny_config
 from nin_jax import train
@@ -40,14 +41,20 @@ def test_every_config_documents_its_command_and_has_every_field():
     assert config.experiment == name
 
 
+@pytest.fixture(scope='module')
+def mock_tfds_dir(tmp_path_factory):
+  """One TFDS data_dir for every mock run, so gcn_zca statistics are fitted once."""
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
 @pytest.mark.parametrize('name', [n for n in EXPERIMENTS if n not in ('default', 'chars')])
-def test_experiment_runs_under_mock_data(name, tmp_path):
+def test_experiment_runs_under_mock_data(name, tmp_path, mock_tfds_dir):
   config = load_experiment(name)
   config.batch_size = config.eval_batch_size = 4
   config.num_train_steps = 2
   config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
   config.progress_bar = False
-  config.data_dir = str(tmp_path / 'tfds')
+  config.data_dir = mock_tfds_dir
   if name == 'imagenet':  # full size on CPU is too slow for a test; the net is tested in models
     config.image_size = 32
     config.model = '_nin_tiny'
@@ -257,5 +264,6 @@ def test_digits_through_the_folder_pipeline_reach_95_percent(digits_folder, tmp_
                        eval_every_steps=-1, checkpoint_every_steps=-1, dropout_rate=0.0)
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   results = json.load(open(tmp_path / 'run' / 'results.json'))
-  assert results['num_test_examples'] == 180
+  held_out = sum(round(n * 0.1) for n in np.bincount(load_digits().target))  # stratified 10%
+  assert results['num_test_examples'] == held_out == 179
   assert results['test_accuracy'] >= 0.95, results
