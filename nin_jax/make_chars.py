@@ -36,6 +36,7 @@ complete one.
 """
 
 from collections.abc import Sequence
+import contextlib
 import functools
 import multiprocessing
 import numbers
@@ -262,7 +263,10 @@ def make_chars(out_dir: str | os.PathLike[str], per_class: int, seed: int = 0,
         for _ in pool.imap_unordered(_write_class, tasks):
           pass
     if out.is_dir():
-      out.rmdir()  # empty (checked above); os.replace cannot replace a folder on every system
+      # Empty (checked above); os.replace cannot replace a folder on every system. Another
+      # process may have just renamed its finished folder into place: then keep that one.
+      with contextlib.suppress(OSError):
+        out.rmdir()
     try:
       os.replace(tmp, out)
     except OSError:

@@ -324,9 +324,14 @@ def evaluate(eval_fn: Callable, params, data, sharding) -> dict[str, float]:
 
 @contextlib.contextmanager
 def sigterm_flag() -> Iterator[threading.Event]:
-  """Sets the yielded event on SIGTERM (preemption) instead of dying mid-step."""
+  """Sets the yielded event on SIGTERM (preemption) instead of dying mid-step.
+
+  Single-process only: with several processes each would stop at a different step and hang in
+  a collective save, so there JAX's preemption service decides, through Orbax's
+  `reached_preemption`, one step for all.
+  """
   event = threading.Event()
-  if threading.current_thread() is not threading.main_thread():
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
     yield event
     return
   previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
@@ -464,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         if step % checkpoint_every == 0 or step == num_steps:
           checkpoints.save(step, args=ocp.args.StandardSave(state))
 
-        if preempted.is_set():
+        if preempted.is_set() or checkpoints.reached_preemption(step):  # all processes agree
           if checkpoints.latest_step() != step:
             checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
           checkpoints.wait_until_finished()
@@ -491,9 +496,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   logging.info('Test accuracy %.4f (error %.2f%%) on %d images after %d steps',
                eval_metrics['test_accuracy'], 100 * eval_metrics['test_error'],
                eval_metrics['num_test_examples'], step)
-  print(f"test accuracy {eval_metrics['test_accuracy']:.4f} "
-        f"(error {100 * eval_metrics['test_error']:.2f}%) on "
-        f"{eval_metrics['num_test_examples']} test images, step {step}", flush=True)
+  if is_writer:
+    print(f"test accuracy {eval_metrics['test_accuracy']:.4f} "
+          f"(error {100 * eval_metrics['test_error']:.2f}%) on "
+          f"{eval_metrics['num_test_examples']} test images, step {step}", flush=True)
   return state
 
 

@@ -251,6 +251,27 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(blobs_
   assert not os.path.exists(tmp_path / 'run' / 'results.json')
 
 
+@pytest.mark.parametrize('flag,message', [
+    ('--config.bogus=1', "error: --config has no field 'bogus'"),
+    ('--config.batch_size=abc', 'error: flag --config.batch_size=abc'),
+    ('--config.model=nin_huge', "error: model='nin_huge': expected one of"),
+    ('--config.num_classes=5', 'error: config.num_classes=5 but folder'),
+    ('--config.data_dir=/no/such/folder', '/no/such/folder'),
+])
+def test_bad_settings_are_one_line_errors(blobs_folder, tmp_path, flag, message):
+  config = tiny_config(blobs_folder)
+  from conftest import config_flags
+  import subprocess, sys
+  result = subprocess.run(
+      [sys.executable, '-m', 'nin_jax.main', '--config', 'experiments/default.py',
+       '--workdir', str(tmp_path / 'run'), *config_flags(config), flag],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], errors
+
+
 def test_chance_level_watch():
   assert train.warn_if_at_chance(math.log(10) + 0.001, 10, 300)
   assert not train.warn_if_at_chance(1.2, 10, 300)
