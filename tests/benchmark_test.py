@@ -1,0 +1,147 @@
+"""Tests for nin_jax.benchmark (the CLI and its JSON line) and the PyTorch twin of the net."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from nin_jax import benchmark, models
+from nin_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JSON_KEYS = {'images_per_sec', 'step_ms', 'gflops_per_sec', 'compile_seconds', 'peak_rss_mb',
+             'backend', 'device_count', 'model', 'batch_size', 'dtype', 'conv_impl'}
+TINY = dict(widths=((8, 8, 8), (8, 8, 8), (8, 8, None)))  # nin_cifar's shape, 8 maps wide
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_run_benchmark_reports_every_field(mode):
+  result = benchmark.run_benchmark(mode, 'nin_cifar', batch_size=4, steps=2, num_classes=10,
+                                   image_size=12, **TINY)
+  assert JSON_KEYS <= set(result)
+  assert result['mode'] == mode and result['model'] == 'nin_cifar'
+  assert result['batch_size'] == 4 and result['dtype'] == 'float32'
+  assert result['conv_impl'] == models.resolve_conv_impl('auto')
+  assert result['backend'] == jax.default_backend()
+  assert result['device_count'] == jax.device_count()
+  assert result['image_shape'] == [12, 12, 3]
+  for key in ('images_per_sec', 'step_ms', 'gflops_per_sec', 'compile_seconds', 'peak_rss_mb'):
+    assert result[key] > 0, key
+  assert result['images_per_sec'] == pytest.approx(4 / (result['step_ms'] / 1e3), rel=0.01)
+  model = models.get_model('nin_cifar', 10, **TINY)
+  flops = benchmark.step_flops(model, 12, 3, train=mode == 'train') * 4
+  assert result['gflops_per_sec'] == pytest.approx(
+      flops / (result['step_ms'] / 1e3) / 1e9, rel=0.01)
+  json.dumps(result)  # one JSON line
+
+
+def test_train_step_learns():
+  """The timed step is a real SGD step: repeated on one batch, the loss goes down."""
+  bench = benchmark.build_benchmark('train', 'nin_cifar', batch_size=8, image_size=12,
+                                    dropout_rate=0.0, **TINY)
+  losses = [float(bench.run()) for _ in range(15)]
+  assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_bfloat16_runs_and_keeps_float32_logits():
+  result = benchmark.run_benchmark('eval', 'nin_cifar', batch_size=2, steps=1, dtype='bfloat16',
+                                   image_size=12, **TINY)
+  assert result['dtype'] == 'bfloat16' and result['images_per_sec'] > 0
+  model = models.get_model('nin_cifar', 10, dtype=jax.numpy.bfloat16, **TINY)
+  images = jax.numpy.zeros((2, 12, 12, 3))
+  params = model.init(jax.random.key(0), images, train=False)
+  assert model.apply(params, images, train=False).dtype == jax.numpy.float32
+
+
+def test_flops_are_two_per_multiply_accumulate_three_passes_for_training():
+  model = models.get_model('nin_cifar', 10)
+  macs = models.multiply_accumulates(model, 32, 3)
+  assert 221e6 < macs < 223e6  # the paper's "about 222M"
+  assert benchmark.step_flops(model, 32, 3, train=False) == 2 * macs
+  assert benchmark.step_flops(model, 32, 3, train=True) == 6 * macs
+
+
+def test_default_inputs_follow_the_model():
+  assert benchmark.default_input('nin_cifar') == (32, 3)
+  assert benchmark.default_input('nin_svhn') == (32, 3)
+  assert benchmark.default_input('nin_mnist') == (28, 1)
+  assert benchmark.default_input('nin_small') == (28, 1)
+  assert benchmark.default_input('nin_imagenet') == (224, 3)
+  assert {name for name in models.MODELS if not name.startswith('_')} <= set(
+      benchmark.DEFAULT_INPUTS)
+  with pytest.raises(UserError, match='--model'):
+    benchmark.default_input('resnet50')
+
+
+def test_bad_settings_are_user_errors():
+  with pytest.raises(UserError, match='--dtype'):
+    benchmark.run_benchmark('train', 'nin_small', batch_size=2, steps=1, dtype='float16')
+  with pytest.raises(UserError, match='--steps'):
+    benchmark.run_benchmark('train', 'nin_small', batch_size=2, steps=0)
+  with pytest.raises(UserError, match='conv_impl'):
+    benchmark.run_benchmark('eval', 'nin_small', batch_size=2, steps=1, conv_impl='fast')
+
+
+def run_cli(*args, devices=1, timeout=240):
+  """Runs `python -m nin_jax.benchmark ARGS` in a fresh process that reports, after the CLI
+  exits, whether TensorFlow was imported."""
+  code = ('import runpy, sys\n'
+          f'sys.argv = ["nin_jax.benchmark", *{list(args)!r}]\n'
+          'try:\n'
+          '  runpy.run_module("nin_jax.benchmark", run_name="__main__", alter_sys=True)\n'
+          'except SystemExit as e:\n'
+          '  code = e.code\n'
+          'else:\n'
+          '  code = 0\n'
+          'print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules, flush=True)\n'
+          'sys.exit(code)\n')
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=timeout)
+
+
+def test_cli_prints_one_json_line_last_without_tensorflow_on_two_devices():
+  # eval: compiles in seconds; the training step's dict is checked in-process above.
+  proc = run_cli('eval', '--model', 'nin_small', '--batch_size', '4', '--steps', '1',
+                 '--image_size', '8', devices=2)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[-1] == 'TENSORFLOW_IMPORTED False'
+  result = json.loads(lines[-2])
+  assert JSON_KEYS <= set(result)
+  assert result['device_count'] == 2 and result['backend'] == 'cpu'
+  assert result['image_shape'] == [8, 8, 1] and result['model'] == 'nin_small'
+  assert result['images_per_sec'] > 0
+  assert isinstance(result['malloc_tuned'], bool)
+
+
+def test_cli_user_errors_are_one_line_exit_2():
+  proc = run_cli('eval', '--model', 'nin_small', '--batch_size', '3', '--steps', '1', devices=2)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: --batch_size=3: must be a positive multiple of the 2 devices')
+  assert 'Traceback' not in proc.stderr
+  proc = run_cli('input')
+  assert proc.returncode == 2
+  assert 'error: input: name the experiment with --config' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_pytorch_twin_computes_the_same_function():
+  """benchmarks/compare_pytorch.py's independent PyTorch net: same logits, same gradients."""
+  pytest.importorskip('torch')
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import compare_pytorch  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  for name, overrides in (('nin_cifar', TINY), ('nin_cifar_caffe', TINY)):
+    # 13 pixels: the ceil-style pools' last windows hang over the edge (13 -> 7 -> 4).
+    diffs = compare_pytorch.check_same_function(name, 10, batch_size=3, image_size=13,
+                                                **overrides)
+    assert len(diffs) == 1 + 2 * 9
+    assert max(diffs.values()) < 1e-4, diffs
