@@ -11,10 +11,12 @@ warm-up step, on random images that already live on the devices, so the number i
 alone. The batch is the global batch, split over all local devices (a 1-D 'data' mesh, as in
 training). `input` times the input pipeline alone (`nin_jax.input_pipeline.benchmark`).
 
-The last line printed is one JSON object: images_per_sec, step_ms (the median step), compile_seconds,
-gflops_per_sec (model FLOPs: 2 × multiply-accumulates × 3 for a training step, × 1 for a forward
-pass; pools, ReLUs and the optimizer not counted), peak_rss_mb, backend, device_count, model,
-batch_size, dtype, conv_impl. Nothing here imports TensorFlow: the accelerator machines have none.
+The last line printed is one JSON object: images_per_sec and step_ms (of the median step; also
+step_ms_mean), compile_seconds, gflops_per_sec (model FLOPs: 2 × multiply-accumulates × 3 for a
+training step, × 1 for a forward pass; pools, ReLUs and the optimizer not counted), peak_rss_mb,
+backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, steps,
+and malloc_tuned (see `keep_freed_memory`). Nothing here imports TensorFlow: the accelerator
+machines have none. docs/benchmarks.md has the figures and benchmarks/ the comparison with PyTorch.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def keep_freed_memory() -> bool:
 
   Why: XLA's CPU runtime allocates each step's temporaries as one block (about 1.2 GB for
   nin_cifar at batch 128), which glibc serves with a fresh mmap and gives back with munmap, so
-  every step pays for page faults and zeroed pages again: a sixth of a training step's CPU time
-  here (docs/benchmarks.md). With one malloc arena, no mmap and no trimming the block is reused;
-  the process keeps its peak memory. Must run before JAX's first computation (its threads pick
-  their arena on first use); returns whether the setting was applied. Call it from entry points
-  only (the benchmark, training), never on import.
+  every step pays again for page faults and for zeroing the pages (a fifth of the CPU time in
+  `perf` here; docs/benchmarks.md). With one malloc arena, no mmap and no trimming the memory is
+  reused instead. The cost: the process keeps its peak memory, and fragmentation lets the heap
+  grow for the first few steps (nin_cifar at batch 128: 1.7 GB, then 6.5 GB after ~8 steps).
+  Must run before JAX's first computation (XLA's threads pick their arena on first use); call
+  it from entry points only, never on import. Returns whether the setting was applied.
   """
   if sys.platform != 'linux':
     return False
@@ -259,21 +262,28 @@ def run_benchmark(mode: str, model_name: str, *, batch_size: int, steps: int,
 # --- Command line ---------------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('model', 'nin_cifar', 'A net of nin_jax.models.MODELS.')
-flags.DEFINE_integer('batch_size', 128, 'Global batch, split over all devices.')
-flags.DEFINE_integer('steps', 10, 'Timed steps, after compiling and one warm-up step.')
-flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Activations and matmuls; params stay f32.')
-flags.DEFINE_integer('num_classes', 10, 'Classes (maps of the last cccp).')
-flags.DEFINE_integer('image_size', None, 'Default: what the model is made for.')
-flags.DEFINE_integer('image_channels', None, 'Default: what the model is made for.')
-flags.DEFINE_string('conv_impl', 'auto', 'auto, xla or im2col: see nin_jax.models.')
-if config_flags is not None:
-  config_flags.DEFINE_config_file('config', None, 'input: an experiment config file, e.g. '
-                                  'experiments/cifar10_aug.py (fields overridable: --config.x=y).',
-                                  lock_config=True)
-else:
-  flags.DEFINE_string('config', None, 'input: needs ml_collections (pip install ml-collections).')
-flags.DEFINE_bool('mock', False, 'input: TFDS mock data instead of the real dataset.')
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined only when run as a program, so that importing this module
+  beside another CLI (nin_jax.main also has --config) defines nothing twice."""
+  flags.DEFINE_string('model', 'nin_cifar', 'A net of nin_jax.models.MODELS.')
+  flags.DEFINE_integer('batch_size', 128, 'Global batch, split over all devices.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps, after compiling and one warm-up step.')
+  flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Activations and matmuls; params stay f32.')
+  flags.DEFINE_integer('num_classes', 10, 'Classes (maps of the last cccp).')
+  flags.DEFINE_integer('image_size', None, 'Default: what the model is made for.')
+  flags.DEFINE_integer('image_channels', None, 'Default: what the model is made for.')
+  flags.DEFINE_string('conv_impl', 'auto', 'auto, xla or im2col: see nin_jax.models.')
+  if config_flags is not None:
+    config_flags.DEFINE_config_file('config', None, 'input: an experiment config file, e.g. '
+                                    'experiments/cifar10_aug.py (fields overridable: --config.x=y).',
+                                    lock_config=True)
+  else:
+    flags.DEFINE_string('config', None, 'input: needs ml_collections (pip install ml-collections).')
+  flags.DEFINE_bool('mock', False, 'input: TFDS mock data instead of the real dataset.')
+  flags.DEFINE_bool('keep_freed_memory', True, 'CPU: let malloc reuse freed memory (see '
+                    'keep_freed_memory); --nokeep_freed_memory measures without it.')
 
 
 def _input_benchmark(config, mock: bool) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f'usage: python -m nin_jax.benchmark {{{"|".join(MODES)}}} [--flags]')
   # Before the first computation; see keep_freed_memory. The input pipeline is TensorFlow's.
-  cpu_tuned = argv[1] != 'input' and keep_freed_memory()
+  cpu_tuned = argv[1] != 'input' and FLAGS.keep_freed_memory and keep_freed_memory()
   try:
     if argv[1] == 'input':
       result = _input_benchmark(FLAGS.config, FLAGS.mock)
@@ -308,4 +318,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
