@@ -39,14 +39,14 @@ def resolve_conv_impl(impl: str) -> str:
   """The k×k convolution's implementation; all compute the same function and gradients.
 
   'xla': XLA's convolution throughout (cuDNN on GPU, the TPU's own; YNNPACK on CPU).
-  'im2col': one matrix product over patches (`im2col`), forward and backward.
+  'im2col': one matrix product over patches (`conv_im2col`), forward and backward.
   'hybrid': XLA's convolution forward and for the input gradient, matrix products for the
     kernel gradient (`conv_hybrid`).
   'auto': 'hybrid' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
-    CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product, but its
-    kernel gradient runs at half that speed (a twentieth with 3 input channels), while building
-    patches for im2col costs about as much as the product itself. On GPU/TPU the native
-    convolution is the fast path throughout.
+    CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product of the
+    same size, but its kernel gradient at a quarter of that speed (a thirteenth with 3 input
+    channels), while im2col spends almost as long building its patch matrix as multiplying it.
+    On GPU/TPU the native convolution is the fast path throughout.
   """
   if impl not in CONV_IMPLS:
     raise UserError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}')
