@@ -50,7 +50,7 @@ def read_run(run_dir: str) -> dict[str, Any]:
   results_path = os.path.join(run_dir, 'results.json')
   if not os.path.isfile(results_path):
     raise UserError(f'{results_path} not found: the run has not finished (training writes it '
-                    'at the end), or {run_dir} is not a run folder')
+                    f'at the end), or {run_dir} is not a run folder')
   merged = {}
   for path in (os.path.join(run_dir, 'config.json'), results_path):
     if path != results_path and not os.path.isfile(path):
