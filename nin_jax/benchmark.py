@@ -274,7 +274,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('num_classes', 10, 'Classes (maps of the last cccp).')
   flags.DEFINE_integer('image_size', None, 'Default: what the model is made for.')
   flags.DEFINE_integer('image_channels', None, 'Default: what the model is made for.')
-  flags.DEFINE_string('conv_impl', 'auto', 'auto, xla, im2col or hybrid: see nin_jax.models.')
+  flags.DEFINE_string('conv_impl', 'auto', 'auto, xla, im2col, hybrid or fft: see nin_jax.models.')
   if config_flags is not None:
     config_flags.DEFINE_config_file('config', None, 'input: an experiment config file, e.g. '
                                     'experiments/cifar10_aug.py (fields overridable: --config.x=y).',

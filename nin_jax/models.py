@@ -30,7 +30,7 @@ from nin_jax.errors import UserError
 
 Initializer = Callable[..., jax.Array]
 
-CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid')
+CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid', 'fft')
 HEADS = ('gap', 'fc', 'fc_dropout')
 INITS = ('he', 'paper')
 
@@ -42,16 +42,20 @@ def resolve_conv_impl(impl: str) -> str:
   'im2col': one matrix product over patches (`conv_im2col`), forward and backward.
   'hybrid': XLA's convolution forward and for the input gradient, matrix products for the
     kernel gradient (`conv_hybrid`).
-  'auto': 'hybrid' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
+  'fft': the convolution theorem (`conv_fft`) for the layers where it does less work than the
+    direct products (`fft_pays`: stride 1, kernels of 5×5 or more over 16 or more channels),
+    'hybrid' for the others.
+  'auto': 'fft' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
     CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product of the
     same size, but its kernel gradient at a quarter of that speed (a thirteenth with 3 input
-    channels), while im2col spends almost as long building its patch matrix as multiplying it.
-    On GPU/TPU the native convolution is the fast path throughout.
+    channels), while im2col spends almost as long building its patch matrix as multiplying it;
+    and a 5×5 layer on 16×16 maps costs the FFT route 7× fewer multiply-adds. On GPU/TPU the
+    native convolution is the fast path throughout.
   """
   if impl not in CONV_IMPLS:
     raise UserError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}')
   if impl == 'auto':
-    return 'hybrid' if jax.default_backend() == 'cpu' else 'xla'
+    return 'fft' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
@@ -145,7 +149,39 @@ def _conv_hybrid_bwd(stride, padding, residuals, dy):
 
 conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
 
-CONV_FUNCTIONS = {'xla': conv_xla, 'im2col': conv_im2col, 'hybrid': conv_hybrid}
+def conv_fft(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """The same convolution (stride 1) by the convolution theorem, in float32.
+
+  With x zero-padded to P×Q, the layer is a circular cross-correlation whose first Ho×Wo outputs
+  never wrap around, so y = irfft2(rfft2(x) · conj(rfft2(kernel padded to P×Q))) cropped to
+  Ho×Wo, where the product is one complex (N, C) @ (C, F) product per frequency. For a 5×5
+  kernel on 16×16 maps (P×Q = 20×20, 20×11 frequencies) that is 4·220 real multiply-adds per
+  output pair against 25·256 directly: 7× fewer. Its gradients (autodiff through the FFTs) are
+  the same construction. Agrees with `conv_xla` to ~1e-6 relative (tests/conv_test.py).
+  """
+  if stride != 1:
+    raise ValueError(f'conv_fft computes stride-1 convolutions, not stride {stride}')
+  k, p, dtype = kernel.shape[0], padding, x.dtype
+  x = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))  # NCHW: the FFT runs on the last axes
+  x = jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+  _, _, hp, wp = x.shape
+  x_hat = jnp.fft.rfft2(x)                                                       # (N, C, P, Q')
+  k_hat = jnp.fft.rfft2(jnp.transpose(kernel.astype(jnp.float32), (2, 3, 0, 1)), s=(hp, wp))
+  y_hat = jnp.einsum('ncpq,cfpq->nfpq', x_hat, jnp.conj(k_hat))                   # (N, F, P, Q')
+  y = jnp.fft.irfft2(y_hat, s=(hp, wp))[:, :, :hp - k + 1, :wp - k + 1]
+  return jnp.transpose(y, (0, 2, 3, 1)).astype(dtype)
+
+
+def fft_pays(kernel_size: int, stride: int, in_channels: int) -> bool:
+  """Whether 'fft' runs a layer through `conv_fft`: measured faster on CPU for stride-1 kernels
+  of 5×5 or more over at least `_FEW_CHANNELS` inputs (the CIFAR net's conv2: 2.3× on forward
+  and backward); slower for 3×3 kernels and for the 3-channel first layer, whose direct products
+  are small while their FFTs are as large as the maps."""
+  return stride == 1 and kernel_size >= 5 and in_channels >= _FEW_CHANNELS
+
+
+CONV_FUNCTIONS = {'xla': conv_xla, 'im2col': conv_im2col, 'hybrid': conv_hybrid,
+                  'fft': conv_fft}
 
 
 class Conv(nn.Module):
@@ -156,7 +192,7 @@ class Conv(nn.Module):
     kernel_size: k.
     stride: spatial stride.
     padding: zero padding on each side.
-    impl: 'auto', 'xla', 'im2col' or 'hybrid' (same function; see `resolve_conv_impl`).
+    impl: 'auto', 'xla', 'im2col', 'hybrid' or 'fft' (same function; see `resolve_conv_impl`).
     kernel_init, bias_init: initializers; parameters are always float32.
     dtype: the dtype of the computation (float32, or bfloat16 on accelerators).
 
@@ -181,8 +217,10 @@ class Conv(nn.Module):
     if k == 1 and self.stride == 1 and self.padding == 0:
       y = _matmul_over_channels(x, kernel[0, 0])
     else:
-      conv = CONV_FUNCTIONS[resolve_conv_impl(self.impl)]
-      y = conv(x, kernel, self.stride, self.padding)
+      impl = resolve_conv_impl(self.impl)
+      if impl == 'fft' and not fft_pays(k, self.stride, x.shape[-1]):
+        impl = 'hybrid'
+      y = CONV_FUNCTIONS[impl](x, kernel, self.stride, self.padding)
     return y + bias.astype(self.dtype)
 
 

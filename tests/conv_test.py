@@ -15,7 +15,7 @@ import pytest
 from nin_jax import models
 from nin_jax.errors import UserError
 
-IMPLS = ('xla', 'im2col', 'hybrid')
+IMPLS = ('xla', 'im2col', 'hybrid', 'fft')
 
 
 def reference_conv(x, kernel, stride, padding):
@@ -58,8 +58,9 @@ CASES = [  # (c_in, k, stride, padding)
 ]
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-@pytest.mark.parametrize('c_in,k,stride,padding', CASES)
+@pytest.mark.parametrize('impl,c_in,k,stride,padding', [
+    (impl, *case) for impl in IMPLS for case in CASES
+    if impl != 'fft' or case[2] == 1])  # conv_fft computes stride-1 convolutions only
 def test_value_and_gradients_match_lax_conv(impl, c_in, k, stride, padding):
   y, loss, (dx, dk) = value_loss_and_grads(models.CONV_FUNCTIONS[impl], c_in, k, stride, padding)
   y_ref, loss_ref, (dx_ref, dk_ref) = reference(c_in, k, stride, padding)
@@ -88,9 +89,30 @@ def test_im2col_with_stride_matches_window_starts():
   np.testing.assert_array_equal(patches[0, 2, 1], np.asarray(x)[0, 4:7, 2:5, :].reshape(-1))
 
 
+def test_fft_conv_refuses_strides():
+  x, kernel, _ = random_case(20, 3)
+  with pytest.raises(ValueError, match='stride-1'):
+    models.conv_fft(x, kernel, 2, 1)
+
+
+def test_fft_is_used_only_where_it_pays():
+  assert models.fft_pays(5, 1, 96)          # the CIFAR net's conv2
+  assert not models.fft_pays(5, 1, 3)       # its conv1: 3 input channels
+  assert not models.fft_pays(3, 1, 192)     # its conv3: 3×3
+  assert not models.fft_pays(11, 4, 96)     # strided (ImageNet's conv1)
+
+  def ffts(c_in):
+    module = models.Conv(6, 5, padding=2, impl='fft')
+    x = jnp.ones((1, 8, 8, c_in))
+    params = module.init(jax.random.key(0), x)
+    return jax.jit(module.apply).lower(params, x).compile().as_text().count(' fft(')
+
+  assert ffts(16) == 3   # rfft of x, of the kernel, irfft of the product
+  assert ffts(3) == 0    # falls back to conv_hybrid
+
+
 def test_resolve_conv_impl():
-  assert models.resolve_conv_impl('auto') == (
-      'hybrid' if jax.default_backend() == 'cpu' else 'xla')
+  assert models.resolve_conv_impl('auto') == ('fft' if jax.default_backend() == 'cpu' else 'xla')
   for impl in IMPLS:
     assert models.resolve_conv_impl(impl) == impl
   with pytest.raises(UserError, match='conv_impl'):
@@ -98,7 +120,7 @@ def test_resolve_conv_impl():
 
 
 @functools.lru_cache(maxsize=None)
-def conv_module_grads(impl, dtype, k=5, stride=1, padding=2, c_in=4, features=6):
+def conv_module_grads(impl, dtype, k=5, stride=1, padding=2, c_in=16, features=6):
   module = models.Conv(features, k, stride=stride, padding=padding, impl=impl, dtype=dtype)
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, c_in))
   params = module.init(jax.random.key(3), x)['params']
@@ -110,7 +132,7 @@ def conv_module_grads(impl, dtype, k=5, stride=1, padding=2, c_in=4, features=6)
 @pytest.mark.parametrize('impl', ('auto',) + IMPLS)
 def test_conv_module_params_and_outputs(impl):
   params, y, (dparams, dx) = conv_module_grads(impl, jnp.float32)
-  assert params['kernel'].shape == (5, 5, 4, 6) and params['kernel'].dtype == jnp.float32
+  assert params['kernel'].shape == (5, 5, 16, 6) and params['kernel'].dtype == jnp.float32
   assert params['bias'].shape == (6,) and params['bias'].dtype == jnp.float32
   assert y.shape == (2, 8, 8, 6) and y.dtype == jnp.float32
   _, y_ref, (dparams_ref, dx_ref) = conv_module_grads('xla', jnp.float32)
@@ -141,9 +163,10 @@ def test_one_by_one_conv_is_a_product_over_channels():
 
 @functools.lru_cache(maxsize=None)
 def tiny_nin_grads(impl):
-  """A small NIN of the CIFAR shape (3 blocks, 5-5-3 kernels, max pools, dropout)."""
+  """A small NIN of the CIFAR shape (3 blocks, 5-5-3 kernels, max pools, dropout); conv2 has 16
+  input channels, so 'fft' computes it with `conv_fft`."""
   model = models.get_model('nin_cifar', 4, conv_impl=impl,
-                           widths=((12, 8, 8), (16, 8, 8), (8, 8, None)))
+                           widths=((12, 8, 16), (16, 8, 8), (8, 8, None)))
   images = jax.random.normal(jax.random.key(6), (3, 12, 12, 3))
   labels = jnp.array([0, 1, 3])
   params = model.init(jax.random.key(7), images, train=False)['params']
@@ -156,9 +179,10 @@ def tiny_nin_grads(impl):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_whole_net_trains_the_same_with_the_cpu_default():
+@pytest.mark.parametrize('impl', ['hybrid', 'fft'])
+def test_whole_net_trains_the_same_with_the_cpu_variants(impl):
   # im2col is checked layer by layer above; a whole net of it only costs compile time.
-  loss, grads = tiny_nin_grads('hybrid')
+  loss, grads = tiny_nin_grads(impl)
   loss_ref, grads_ref = tiny_nin_grads('xla')
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   flat, flat_ref = jax.tree.leaves_with_path(grads), jax.tree.leaves(grads_ref)
