@@ -1,0 +1,132 @@
+"""The device-resident input path gives the host pipeline's batches, and trains the same."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import default
+from nin_jax import device_input
+from nin_jax import input_pipeline
+from nin_jax import preprocessing
+from nin_jax.errors import UserError
+from tests.conftest import read_metrics, run_main, tiny_config
+
+
+def random_data(preprocess, augment, *, size=8, channels=3, translate_pixels=2, **config_overrides):
+  """A Data of random uint8 images: 37 train (batches of 8 wrap around the epochs), 13 test
+  (eval batches of 6: the last one padded)."""
+  rng = np.random.default_rng(0)
+  config = default.get_config()
+  config.preprocess, config.augment, config.translate_pixels = preprocess, augment, translate_pixels
+  config.batch_size, config.eval_batch_size, config.seed = 8, 6, 3
+  for key, value in config_overrides.items():
+    config[key] = value
+  shape = (size, size, channels)
+  return input_pipeline.data_from_arrays(
+      config, train_images=rng.integers(0, 256, (37, *shape), dtype=np.uint8),
+      train_labels=rng.integers(0, 4, 37), class_names=list('abcd'),
+      test_images=rng.integers(0, 256, (13, *shape), dtype=np.uint8),
+      test_labels=rng.integers(0, 4, 13), process_index=0, process_count=1)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted(kind, augment, translate_pixels):
+  return (jax.jit(functools.partial(device_input.train_batch, kind=kind, augment=augment,
+                                    translate_pixels=translate_pixels)),
+          jax.jit(functools.partial(device_input.eval_batch, kind=kind)))
+
+
+@pytest.mark.parametrize('augment', input_pipeline.AUGMENTS)
+@pytest.mark.parametrize('preprocess', preprocessing.KINDS)
+def test_device_batches_are_the_host_batches(preprocess, augment):
+  data = random_data(preprocess, augment)
+  arrays = device_input.put_on_devices(
+      data, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  train_fn, eval_fn = jitted(preprocess, augment, data.translate_pixels)
+  scale = max(1.0, float(np.abs(data.preprocessed_images('train')).max()))
+  for step in range(10):  # two epochs and more of 4 steps
+    host = data.train_batch(step)
+    device = jax.device_get(train_fn(arrays, data.train_draws(step)))
+    np.testing.assert_array_equal(device['label'], host['label'])
+    np.testing.assert_allclose(device['image'] / scale, host['image'] / scale, atol=2e-5,
+                               err_msg=f'step {step}')
+  for host, draws in zip(data.eval_batches(), data.eval_draws(), strict=True):
+    device = jax.device_get(eval_fn(arrays, draws))
+    np.testing.assert_array_equal(device['mask'], host['mask'])
+    np.testing.assert_array_equal(device['label'], host['label'])
+    np.testing.assert_allclose(device['image'] / scale, host['image'] / scale, atol=2e-5)
+
+
+def test_the_augmentation_really_moves_and_mirrors_the_images():
+  """Guards the test above: with translate_flip, batches differ from the plain images."""
+  data = random_data('none', 'translate_flip')
+  draws = data.train_draws(0)
+  assert draws['flips'].any() and (draws['shifts'] != 0).any()
+  plain = data.preprocessed_images('train', draws['rows'])
+  moved = jax.device_get(device_input.translate_and_flip(
+      plain, draws['shifts'], draws['flips'], data.translate_pixels))
+  changed = [not np.array_equal(a, b) for a, b in zip(moved, plain)]
+  expected = (draws['shifts'] != 0).any(axis=1) | draws['flips']
+  np.testing.assert_array_equal(changed, expected)
+
+
+def test_translate_and_flip_by_hand():
+  image = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+  down_left = device_input.translate_and_flip(image, np.array([[1, -1]]), np.array([False]), 2)
+  expected = np.zeros((4, 4), np.float32)
+  expected[1:, :3] = image[0, :3, 1:, 0]  # out[y, x] = in[y - 1, x + 1]
+  np.testing.assert_array_equal(down_left[0, :, :, 0], expected)
+  mirrored = device_input.translate_and_flip(image, np.array([[0, 0]]), np.array([True]), 1)
+  np.testing.assert_array_equal(mirrored[0, :, :, 0], image[0, :, ::-1, 0])
+
+
+def test_auto_keeps_cpu_runs_on_the_host_and_fits_accelerators(monkeypatch):
+  data = random_data('gcn_zca', 'none')
+  assert device_input.choose_pipeline('auto', data) == (
+      'host' if jax.default_backend() == 'cpu' else 'device')
+  assert device_input.choose_pipeline('host', data) == 'host'
+  assert device_input.choose_pipeline('device', data) == 'device'
+  needed = device_input.dataset_bytes(data)
+  assert needed == 50 * 8 * 8 * 3 + 50 * 4 + (192 + 192 * 192) * 4  # images, labels, ZCA
+  # An accelerator with room for the data, then one without.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(device_input, 'device_memory_bytes', lambda: 4 * needed)
+  assert device_input.choose_pipeline('auto', data) == 'device'
+  monkeypatch.setattr(device_input, 'device_memory_bytes', lambda: 4 * needed - 1)
+  assert device_input.choose_pipeline('auto', data) == 'host'
+  monkeypatch.setattr(device_input, 'device_memory_bytes', lambda: needed - 1)
+  with pytest.raises(UserError, match='input_pipeline=host'):
+    device_input.choose_pipeline('device', data)
+  with pytest.raises(UserError, match='input_pipeline'):
+    device_input.choose_pipeline('gpu', data)
+
+
+@pytest.mark.parametrize('devices', [1, 8])
+def test_device_path_trains_like_the_host_path(blobs_folder, tmp_path, devices):
+  """Whole runs (CLI, 8 fake devices too): same losses, same test result, the path recorded."""
+  results = {}
+  for pipeline in ('host', 'device'):
+    workdir = tmp_path / pipeline
+    config = tiny_config(blobs_folder, augment='translate_flip', input_pipeline=pipeline)
+    proc = run_main(workdir, config, devices=devices)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results[pipeline] = json.load(f)
+    assert results[pipeline]['input_pipeline'] == pipeline
+    results[pipeline]['metrics'] = read_metrics(workdir)
+  host, device = results['host'], results['device']
+  losses = lambda r: [m['train_loss'] for m in r['metrics'] if 'train_loss' in m]
+  assert len(losses(host)) == 6
+  np.testing.assert_allclose(losses(device), losses(host), rtol=1e-4)
+  assert device['num_test_examples'] == host['num_test_examples'] == 24
+  np.testing.assert_allclose(device['test_loss'], host['test_loss'], rtol=1e-4)
+
+
+def test_unknown_input_pipeline_is_refused_before_loading(tmp_path):
+  config = tiny_config(str(tmp_path / 'nothing-here'), input_pipeline='gpu')
+  with pytest.raises(UserError, match='input_pipeline'):
+    input_pipeline.create_data(config)
