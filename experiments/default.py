@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'none', 'translate_flip' (the paper's CIFAR-10 augmentation), 'translate' (digits, characters).
   config.augment = 'translate'
   config.translate_pixels = 2          # maximum random shift for the translate augmentations
+  # Where batches are assembled: 'host' (numpy, on a thread beside the step), 'device' (the whole
+  # uint8 dataset on every accelerator; gather, preprocessing and augmentation inside the jitted
+  # step: the same batches), 'auto' (device on GPU/TPU when the data takes <= 1/4 of its memory).
+  config.input_pipeline = 'auto'
 
   # --- Model ------------------------------------------------------------------------------------
   config.model = 'nin_small'           # a name from nin_jax.models.MODELS

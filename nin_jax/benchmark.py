@@ -8,13 +8,14 @@ r"""How fast a net trains and infers here: images per second of the jitted steps
 `train` times the whole update (forward, backward, SGD with momentum 0.9, softmax cross-entropy,
 dropout on), `eval` the forward pass of inference (dropout off); both after compiling and one
 warm-up step, on random images that already live on the devices, so the number is the model's
-alone. The batch is the global batch, split over all local devices (a 1-D 'data' mesh, as in
+alone. `train --input=host|device` feeds every step its own batch through one of training's
+input paths instead (the host pipeline, or the dataset held on the devices; nin_jax.device_input). The batch is the global batch, split over all local devices (a 1-D 'data' mesh, as in
 training). `input` times the input pipeline alone (`nin_jax.input_pipeline.benchmark`).
 
 The last line printed is one JSON object: images_per_sec and step_ms (of the median step; also
 step_ms_mean), compile_seconds, gflops_per_sec (model FLOPs: 2 × multiply-accumulates × 3 for a
 training step, × 1 for a forward pass; pools, ReLUs and the optimizer not counted), peak_rss_mb,
-backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, steps,
+backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, input, steps,
 and malloc_tuned (see `keep_freed_memory`). Nothing here imports TensorFlow: the accelerator
 machines have none. docs/benchmarks.md has the figures and benchmarks/ the comparison with PyTorch.
 """
@@ -166,15 +167,46 @@ class Benchmark:
     return _timed_runs(self.run, steps)
 
 
+INPUTS = ('none', 'host', 'device')
+
+
+def random_data(batch_size: int, image_shape: tuple[int, int, int], num_classes: int,
+                num_images: int, seed: int):
+  """An `input_pipeline.Data` of random uint8 images with the CIFAR-10 augmentation recipe
+  (standardize, translate_flip by up to 4 pixels), for timing the input paths."""
+  import types  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from nin_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # numpy only
+  rng = np.random.default_rng(seed)
+  config = types.SimpleNamespace(  # the fields data_from_arrays reads
+      preprocess='standardize', augment='translate_flip', translate_pixels=4,
+      batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+  images = lambda n: rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
+  labels = lambda n: rng.integers(0, num_classes, n)
+  return input_pipeline.data_from_arrays(
+      config, train_images=images(num_images), train_labels=labels(num_images),
+      test_images=images(batch_size), test_labels=labels(batch_size),
+      class_names=[str(c) for c in range(num_classes)])
+
+
 def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str = 'float32',
                     num_classes: int = 10, image_size: int | None = None,
                     image_channels: int | None = None, conv_impl: str = 'auto', seed: int = 0,
+                    input: str = 'none', num_images: int = 10_000,  # pylint: disable=redefined-builtin
                     **model_overrides: Any) -> Benchmark:
   """Compiles one training step ('train') or forward pass ('eval') of the named net.
 
-  `model_overrides` go to `models.get_model` (tests use them for tiny nets). The images are
-  normal noise, float32 NHWC, `batch_size` of them split over all devices.
+  `model_overrides` go to `models.get_model` (tests use them for tiny nets). With input='none'
+  the images are normal noise, float32 NHWC, `batch_size` of them split over all devices and
+  reused every step: the model's speed alone. A training step can also take each step's batch
+  from an input path of training, over `num_images` random uint8 images (`random_data`):
+  'host' (numpy batches transferred by `train.prefetch_to_mesh`) or 'device' (the dataset on
+  the devices, gathered and augmented inside the step by `nin_jax.device_input`).
   """
+  if input not in INPUTS:
+    raise UserError(f'--input={input!r}: expected one of {INPUTS}')
+  if input != 'none' and mode != 'train':
+    raise UserError(f'--input={input}: input paths are timed with train steps only')
   if mode not in ('train', 'eval'):
     raise UserError(f'mode {mode!r}: expected train or eval')
   if dtype not in DTYPES:
@@ -214,11 +246,17 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
 
   if train:
     state = {'params': params, 'opt_state': opt_state, 'rng': dropout_rng}
+    next_inputs = lambda: (images, labels)
+    if input != 'none':
+      compiled, next_inputs = _input_path(input, train_step, params, opt_state, dropout_rng,
+                                          mesh, batch_size, images.shape[1:], num_classes,
+                                          num_images, seed)
+      compile_seconds = time.perf_counter() - start
 
     def run():
       state['rng'], step_rng = jax.random.split(state['rng'])
       state['params'], state['opt_state'], loss = compiled(
-          state['params'], state['opt_state'], images, labels, step_rng)
+          state['params'], state['opt_state'], *next_inputs(), step_rng)
       return loss
   else:
     run = functools.partial(compiled, params, images)
@@ -226,11 +264,42 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
   info = {
       'mode': mode, 'model': model_name, 'batch_size': batch_size, 'dtype': dtype,
       'conv_impl': impl, 'image_shape': [image_size, image_size, image_channels],
+      'input': input,
       'compile_seconds': round(compile_seconds, 2),
       'backend': jax.default_backend(), 'device_count': jax.device_count(),
   }
   flops = step_flops(model, image_size, image_channels, train) * batch_size
   return Benchmark(run, info, flops)
+
+
+def _input_path(input, train_step, params, opt_state, rng, mesh, batch_size, image_shape,
+                num_classes, num_images, seed):  # pylint: disable=redefined-builtin
+  """(compiled step, next_inputs) of the 'host' or 'device' input path (see build_benchmark)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from nin_jax import device_input  # pylint: disable=g-import-not-at-top
+  from nin_jax import train  # pylint: disable=g-import-not-at-top  # no TensorFlow at import
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  data = random_data(batch_size, tuple(image_shape), num_classes, num_images, seed)
+  if input == 'host':
+    batches = train.prefetch_to_mesh(data.train_batches(), batch_sharded)
+    next_inputs = lambda: tuple(next(batches).values())  # (image, label)
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, opt_state, *next_inputs(), rng).compile()
+    return compiled, next_inputs
+  arrays = device_input.put_on_devices(data, replicated)
+  make_batch = functools.partial(device_input.train_batch, kind=data.preprocessor.kind,
+                                 augment=data.augment, translate_pixels=data.translate_pixels)
+
+  def step(params, opt_state, draws, arrays, rng):
+    batch = make_batch(arrays, draws)
+    return train_step(params, opt_state, batch['image'], batch['label'], rng)
+
+  draws = train.prefetch_to_mesh(map(data.train_draws, itertools.count()), batch_sharded)
+  # The dataset is an argument, never a constant folded into the program.
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, next(draws), arrays, rng).compile()
+  return compiled, lambda: (next(draws), arrays)
 
 
 def summarize(bench: Benchmark, times: list[float]) -> dict[str, Any]:
@@ -275,6 +344,10 @@ def define_flags() -> None:
   flags.DEFINE_integer('image_size', None, 'Default: what the model is made for.')
   flags.DEFINE_integer('image_channels', None, 'Default: what the model is made for.')
   flags.DEFINE_string('conv_impl', 'auto', 'auto, xla, im2col, hybrid or fft: see nin_jax.models.')
+  flags.DEFINE_enum('input', 'none', list(INPUTS), 'train: where each step\'s batch comes from: '
+                    'none (one random batch already on the devices), host or device (the input '
+                    'paths of training, over --num_images random images).')
+  flags.DEFINE_integer('num_images', 10_000, 'train with --input=host|device: dataset size.')
   if config_flags is not None:
     config_flags.DEFINE_config_file('config', None, 'input: an experiment config file, e.g. '
                                     'experiments/cifar10_aug.py (fields overridable: --config.x=y).',
@@ -308,7 +381,8 @@ def main(argv: list[str]) -> None:
       result = run_benchmark(
           argv[1], FLAGS.model, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
           dtype=FLAGS.dtype, num_classes=FLAGS.num_classes, image_size=FLAGS.image_size,
-          image_channels=FLAGS.image_channels, conv_impl=FLAGS.conv_impl)
+          image_channels=FLAGS.image_channels, conv_impl=FLAGS.conv_impl, input=FLAGS.input,
+          num_images=FLAGS.num_images)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

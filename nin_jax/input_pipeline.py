@@ -32,14 +32,18 @@ import os
 import string
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
+from nin_jax import device_input
 from nin_jax import preprocessing
 from nin_jax.errors import UserError
+
+if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
+  import ml_collections
 
 TFDS_DATASETS = ('cifar10', 'cifar100', 'svhn_cropped', 'mnist', 'emnist/byclass')
 DATASETS = ('folder', *TFDS_DATASETS, 'imagenet2012')
@@ -182,13 +186,19 @@ class Data:
       self._permutation_cache = (epoch, rng.permutation(self.num_train_examples))
     return self._permutation_cache[1]
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's share of the global training batch of `step`, a pure function of it.
+  def train_draws(self, step: int) -> dict[str, np.ndarray]:
+    """What this process's share of the training batch of `step` is made of: a pure function.
 
     Epoch e = step // steps_per_epoch is a permutation of the training split drawn from
     (seed, e); global batch i of the epoch is rows [i*B, (i+1)*B) of it (wrapping around when
     the split is smaller than one batch); process p takes rows [p*B/P, (p+1)*B/P) of that.
     The augmentation of the whole global batch is drawn from (seed, step) before it is split.
+
+    Returns:
+      {'rows': int32 (B/P,) indices into the training split, 'shifts': int32 (B/P, 2) the
+      (dy, dx) of each image's translation (zero unless augment translates), 'flips': bool
+      (B/P,) which images are mirrored (only with 'translate_flip')}. `train_batch` turns them
+      into images on the host; `nin_jax.device_input` on the devices.
     """
     b = self.batch_size
     epoch, i = divmod(step, self.steps_per_epoch)
@@ -198,18 +208,28 @@ class Data:
     t = self.translate_pixels
     shifts = rng.integers(-t, t + 1, size=(b, 2))
     flips = rng.random(b) < 0.5
+    if self.augment == 'none':
+      shifts = np.zeros_like(shifts)
+    if self.augment != 'translate_flip':
+      flips = np.zeros_like(flips)
     share = slice(self.process_index * b // self.process_count,
                   (self.process_index + 1) * b // self.process_count)
-    rows, shifts, flips = rows[share], shifts[share], flips[share]
+    return {'rows': rows[share].astype(np.int32), 'shifts': shifts[share].astype(np.int32),
+            'flips': flips[share]}
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's share of the global training batch of `step` (see `train_draws`)."""
+    draws = self.train_draws(step)
+    rows = draws['rows']
     labels = self.train_labels[rows]
     if self.augment == 'none':
       return {'image': self.preprocessed_images('train', rows), 'label': labels}
-    if self.augment == 'translate':
-      flips = np.zeros_like(flips)
     if self._inputs['train'] is not None:  # gather and augment in one pass
-      return {'image': translate_and_flip(self._inputs['train'], shifts, flips, rows),
+      return {'image': translate_and_flip(self._inputs['train'], draws['shifts'],
+                                          draws['flips'], rows),
               'label': labels}
-    return {'image': translate_and_flip(self.preprocessed_images('train', rows), shifts, flips),
+    return {'image': translate_and_flip(self.preprocessed_images('train', rows),
+                                        draws['shifts'], draws['flips']),
             'label': labels}
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -217,20 +237,26 @@ class Data:
     for step in itertools.count(start_step):
       yield self.train_batch(step)
 
+  def eval_draws(self) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of `eval_batches`: {'rows': int32 (E/P,), 'mask': bool (E/P,)}; padding rows
+    point at row 0 and are masked."""
+    share = self.eval_batch_size // self.process_count
+    for j in range(self.num_eval_batches):
+      indices = j * self.eval_batch_size + self.process_index * share + np.arange(share)
+      mask = indices < self.num_test_examples
+      yield {'rows': np.where(mask, indices, 0).astype(np.int32), 'mask': mask}
+
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the test split: every example exactly once over all processes.
 
     Global batches of eval_batch_size in order; the last is padded with zero images whose
     'mask' is False. Process p yields rows [p*E/P, (p+1)*E/P) of each global batch.
     """
-    share = self.eval_batch_size // self.process_count
-    for j in range(self.num_eval_batches):
-      indices = j * self.eval_batch_size + self.process_index * share + np.arange(share)
-      mask = indices < self.num_test_examples
-      safe = np.where(mask, indices, 0)
-      images = self.preprocessed_images('test', safe)
+    for draws in self.eval_draws():
+      rows, mask = draws['rows'], draws['mask']
+      images = self.preprocessed_images('test', rows)
       images[~mask] = 0.0
-      labels = np.where(mask, self.test_labels[safe], 0).astype(np.int32)
+      labels = np.where(mask, self.test_labels[rows], 0).astype(np.int32)
       yield {'image': images, 'label': labels, 'mask': mask}
 
 
@@ -324,6 +350,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   choice('dataset', DATASETS)
   choice('preprocess', preprocessing.KINDS)
   choice('augment', AUGMENTS)
+  choice('input_pipeline', device_input.INPUT_PIPELINES)
   if config.image_channels not in (1, 3):
     raise UserError(f'config.image_channels={config.image_channels}: must be 1 or 3')
   if not 1 <= config.image_size <= 4096:
@@ -631,6 +658,7 @@ def benchmark(config: ml_collections.ConfigDict, *, mock: bool, num_batches: int
     {'images_per_sec', 'seconds_per_batch', 'load_seconds', 'batch_size', 'num_batches',
      'num_train_examples', 'preprocessed_at_load', 'dataset', 'preprocess', 'augment'}
   """
+  import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; the caller's is intact
   start = time.time()
   if mock and config.dataset in TFDS_DATASETS:

@@ -1,7 +1,8 @@
 """Image preprocessing: reading image files, and the paper's per-dataset normalizations.
 
-numpy and PIL only (no TensorFlow): the prediction tools import this module to convert a new
-image exactly as the training images were converted, and they should start in a second.
+numpy at import, PIL when reading files (no TensorFlow): the prediction tools import this module
+to convert a new image exactly as the training images were converted, and they should start in a
+second; the benchmark's input paths import it on accelerator hosts that have no PIL.
 
 Four kinds of preprocessing (`config.preprocess`), each a fitted `Preprocessor`:
 
@@ -25,8 +26,6 @@ import dataclasses
 import os
 
 import numpy as np
-from PIL import Image
-from PIL import ImageFile
 
 from nin_jax.errors import UserError
 
@@ -64,6 +63,7 @@ _CHUNK = 4096
 
 def _to_8bit(image: Image.Image) -> Image.Image:
   """Maps 16-bit and float modes to 8-bit 'L' (PIL's own convert would clip them at 255)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   if image.mode.startswith('I;16'):
     array = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
   elif image.mode == 'I':
@@ -84,6 +84,7 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
   background stays a dark glyph (dropping the alpha channel would turn the background into
   whatever colour the transparent pixels happen to hold, often black).
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   image = _to_8bit(image)
   if image.mode == 'P':
     image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
@@ -105,6 +106,7 @@ def strict_decoding():
   with black; a training set must not take such a file for a good one. Callers that read files
   in several threads enter this once around all of them, so the threads never race on it.
   """
+  from PIL import ImageFile  # pylint: disable=g-import-not-at-top
   previous = ImageFile.LOAD_TRUNCATED_IMAGES
   ImageFile.LOAD_TRUNCATED_IMAGES = False
   try:
@@ -133,6 +135,7 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     UserError: naming the file, when it is not an image PIL can decode (corrupt, truncated,
       not an image at all).
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   if channels not in (1, 3):
     raise UserError(f'image_channels={channels}: must be 1 (grayscale) or 3 (RGB)')
   try:

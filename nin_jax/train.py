@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -21,18 +22,21 @@ import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from nin_jax import device_input
 from nin_jax import models
 from nin_jax.errors import UserError
+
+if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
+  import ml_collections
 
 SCHEDULES = ('cosine', 'step', 'plateau', 'constant')
 State = dict[str, Any]  # {'step': int32 scalar, 'params': ..., 'opt_state': ..., 'nonfinite_step': int32}
@@ -242,7 +246,8 @@ def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: jax.sha
 # --- Files of a run ------------------------------------------------------------------------------
 # Only process 0 writes them. Each whole file is written to a temporary name and renamed, so a
 # crash never leaves one half-written; metrics.jsonl is appended line by line and, on resume,
-# cut back to the restored step (dropping any torn last line), so no step appears twice.
+# cut back to the restored step (dropping any torn last line), so no step appears twice. A
+# checkpoint's custom metadata keeps the metrics of its steps not yet in a train record.
 
 def write_json_atomic(path: str, obj: Any) -> None:
   tmp = f'{path}.tmp'
@@ -295,6 +300,19 @@ class MetricsLog:
     self.writer.close()
 
 
+def unlogged_metadata(window: list[dict[str, Any]]) -> dict[str, Any]:
+  """The steps' metrics not yet in a train record, for a checkpoint's custom metadata: a run
+  resumed from a step between records then averages the same steps in its first record."""
+  return {'unlogged_metrics': [{k: float(v) for k, v in m.items()}
+                               for m in jax.device_get(window)]}
+
+
+def restore_unlogged(checkpoints: ocp.CheckpointManager, step: int) -> list[dict[str, Any]]:
+  """`unlogged_metadata`'s metrics (float32, as the train step returns them) from a checkpoint."""
+  metadata = checkpoints.metadata(step).custom_metadata or {}
+  return [{k: np.float32(v) for k, v in m.items()} for m in metadata.get('unlogged_metrics', [])]
+
+
 def prepare_data(config: ml_collections.ConfigDict):
   """The run's data; generates the seed's characters first when the quickstart asks for them."""
   from nin_jax import input_pipeline  # TFDS and TensorFlow: imported only to run
@@ -310,9 +328,11 @@ def prepare_data(config: ml_collections.ConfigDict):
 
 # --- The trainer ---------------------------------------------------------------------------------
 
-def evaluate(eval_fn: Callable, params, data, sharding) -> dict[str, float]:
+def evaluate(eval_fn: Callable, params, batches: Iterator[dict[str, np.ndarray]],
+             sharding) -> dict[str, float]:
+  """Test metrics over one pass of `batches` (host batches, or the device path's draws)."""
   sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
-  for batch in prefetch_to_mesh(data.eval_batches(), sharding):
+  for batch in prefetch_to_mesh(batches, sharding):
     out = jax.device_get(eval_fn(params, batch))
     for k in sums:
       sums[k] += float(out[k])
@@ -379,13 +399,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   init_fn = jax.jit(functools.partial(create_train_state, model=model, tx=tx,
                                       image_shape=data.image_shape), out_shardings=replicated)
-  update_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
-                        seed=config.seed),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  step_fn = functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
+                              seed=config.seed)
+  eval_step_fn = functools.partial(eval_step, model=model)
+  # The host sends either whole batches, or (device path) only their draws: the rows and
+  # augmentation of each image, turned into the same batch on the devices inside the step.
+  pipeline = device_input.choose_pipeline(config.input_pipeline, data)
+  if pipeline == 'device':
+    arrays = device_input.put_on_devices(data, replicated)
+    kind = data.preprocessor.kind
+    make_train_batch = functools.partial(device_input.train_batch, kind=kind,
+                                         augment=data.augment,
+                                         translate_pixels=data.translate_pixels)
+    make_eval_batch = functools.partial(device_input.eval_batch, kind=kind)
+    device_update = jax.jit(
+        lambda state, draws, arrays: step_fn(state, make_train_batch(arrays, draws)),
+        in_shardings=(replicated, data_sharding, replicated),
+        out_shardings=(replicated, replicated), donate_argnums=0)
+    device_eval = jax.jit(
+        lambda params, draws, arrays: eval_step_fn(params, make_eval_batch(arrays, draws)),
+        in_shardings=(replicated, data_sharding, replicated), out_shardings=replicated)
+    update_fn = lambda state, draws: device_update(state, draws, arrays)
+    eval_fn = lambda params, draws: device_eval(params, draws, arrays)
+    train_inputs = lambda start: map(data.train_draws, itertools.count(start))
+    eval_inputs = data.eval_draws
+  else:
+    update_fn = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
+                        out_shardings=(replicated, replicated), donate_argnums=0)
+    eval_fn = jax.jit(eval_step_fn, in_shardings=(replicated, data_sharding),
+                      out_shardings=replicated)
+    train_inputs, eval_inputs = data.train_batches, data.eval_batches
+  logging.info('Input pipeline: %s', pipeline)
 
   # --- Load checkpoint ---
   checkpoints = ocp.CheckpointManager(
@@ -422,13 +466,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                     desc='train')
   chance_checked = False
   window: list[dict[str, jax.Array]] = []
+  unlogged = restore_unlogged(checkpoints, start_step) if start_step else []  # steps before it
   window_start = time.time()
   train_seconds, train_images = 0.0, 0
   eval_metrics = None
   step = start_step
   try:
     with sigterm_flag() as preempted:
-      batches = prefetch_to_mesh(data.train_batches(start_step), data_sharding)
+      batches = prefetch_to_mesh(train_inputs(start_step), data_sharding)
       for step in range(start_step + 1, num_steps + 1):
         state, metrics = update_fn(state, next(batches))
         window.append(metrics)
@@ -442,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                 f'the loss or a gradient is not finite at step {bad + 1}; stopped. The last '
                 f'good checkpoint (step {checkpoints.latest_step()}) is kept. Lower '
                 f'learning_rate (now {config.learning_rate}) or check the data.')
-          fetched = jax.device_get(window)
+          fetched = unlogged + jax.device_get(window)
           elapsed = time.time() - window_start
           summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
           summary['learning_rate'] = float(fetched[-1]['learning_rate'])
@@ -456,22 +501,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           if not chance_checked and step >= min(300, num_steps // 2):
             chance_checked = True
             warn_if_at_chance(summary['train_loss'], data.num_classes, step)
-          window = []
+          window, unlogged = [], []
           window_start = time.time()
 
         if step % eval_every == 0 or step == num_steps:
-          eval_metrics = evaluate(eval_fn, state['params'], data, data_sharding)
+          eval_metrics = evaluate(eval_fn, state['params'], eval_inputs(), data_sharding)
           log.write(step, {k: v for k, v in eval_metrics.items() if k != 'num_test_examples'})
           if progress is not None:
             progress.write(f"step {step}: test accuracy {eval_metrics['test_accuracy']:.4f}")
           window_start = time.time()
 
         if step % checkpoint_every == 0 or step == num_steps:
-          checkpoints.save(step, args=ocp.args.StandardSave(state))
+          checkpoints.save(step, args=ocp.args.StandardSave(state),
+                           custom_metadata=unlogged_metadata(unlogged + window))
 
         if preempted.is_set() or checkpoints.reached_preemption(step):  # all processes agree
           if checkpoints.latest_step() != step:
-            checkpoints.save(step, args=ocp.args.StandardSave(state), force=True)
+            checkpoints.save(step, args=ocp.args.StandardSave(state), force=True,
+                             custom_metadata=unlogged_metadata(unlogged + window))
           checkpoints.wait_until_finished()
           raise Preempted(f'SIGTERM: saved the checkpoint of step {step} in {workdir}; '
                           'run the same command again to resume')
@@ -482,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     log.close()
 
   if eval_metrics is None:  # resumed a finished run
-    eval_metrics = evaluate(eval_fn, state['params'], data, data_sharding)
+    eval_metrics = evaluate(eval_fn, state['params'], eval_inputs(), data_sharding)
   results = {
       'experiment': config.get('experiment', ''), 'dataset': config.dataset,
       'model': config.model, 'step': int(step), 'epochs': step / steps_per_epoch,
@@ -490,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       'train_images_per_sec': train_images / train_seconds if train_seconds else None,
       'wall_seconds': time.time() - start_time, 'num_params': num_params,
       'devices': jax.device_count(), 'processes': jax.process_count(),
+      'input_pipeline': pipeline,
   }
   if is_writer:
     write_json_atomic(os.path.join(workdir, 'results.json'), results)

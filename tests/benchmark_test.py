@@ -1,11 +1,13 @@
 """Tests for nin_jax.benchmark (the CLI and its JSON line) and the PyTorch twin of the net."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from nin_jax import benchmark, models
@@ -44,6 +46,22 @@ def test_train_step_learns():
                                     dropout_rate=0.0, **TINY)
   losses = [float(bench.run()) for _ in range(15)]
   assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_host_and_device_input_paths_feed_the_same_new_batch_every_step():
+  def losses(input, steps=4):  # pylint: disable=redefined-builtin
+    bench = benchmark.build_benchmark('train', 'nin_cifar', batch_size=8, image_size=12,
+                                      dropout_rate=0.0, input=input, num_images=64, **TINY)
+    assert bench.info['input'] == input
+    return [float(bench.run()) for _ in range(steps)]
+
+  host, device, fixed = losses('host'), losses('device'), losses('none')
+  assert all(map(math.isfinite, host)), host
+  np.testing.assert_allclose(device, host, rtol=1e-4)  # the same batches, step after step
+  assert not np.allclose(host, fixed, rtol=1e-2)        # not one batch over and over
+  with pytest.raises(UserError, match='--input'):
+    benchmark.build_benchmark('eval', 'nin_cifar', batch_size=8, image_size=12, input='device',
+                              **TINY)
 
 
 def test_bfloat16_runs_and_keeps_float32_logits():
@@ -87,7 +105,7 @@ def test_bad_settings_are_user_errors():
 
 def run_cli(*args, devices=1, timeout=240):
   """Runs `python -m nin_jax.benchmark ARGS` in a fresh process that reports, after the CLI
-  exits, whether TensorFlow was imported."""
+  exits, whether PIL and TensorFlow were imported (the accelerator machines have neither)."""
   code = ('import runpy, sys\n'
           f'sys.argv = ["nin_jax.benchmark", *{list(args)!r}]\n'
           'try:\n'
@@ -96,6 +114,7 @@ def run_cli(*args, devices=1, timeout=240):
           '  code = e.code\n'
           'else:\n'
           '  code = 0\n'
+          'print("PIL_IMPORTED", "PIL" in sys.modules, flush=True)\n'
           'print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules, flush=True)\n'
           'sys.exit(code)\n')
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
@@ -110,13 +129,24 @@ def test_cli_prints_one_json_line_last_without_tensorflow_on_two_devices():
                  '--image_size', '8', devices=2)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
-  assert lines[-1] == 'TENSORFLOW_IMPORTED False'
-  result = json.loads(lines[-2])
+  assert lines[-2:] == ['PIL_IMPORTED False', 'TENSORFLOW_IMPORTED False']
+  result = json.loads(lines[-3])
   assert JSON_KEYS <= set(result)
   assert result['device_count'] == 2 and result['backend'] == 'cpu'
   assert result['image_shape'] == [8, 8, 1] and result['model'] == 'nin_small'
   assert result['images_per_sec'] > 0
   assert isinstance(result['malloc_tuned'], bool)
+
+
+def test_cli_device_input_path_on_two_devices_needs_neither_pil_nor_tensorflow():
+  proc = run_cli('train', '--model', '_nin_tiny', '--batch_size', '4', '--steps', '2',
+                 '--image_size', '8', '--input', 'device', '--num_images', '32', devices=2)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.strip().splitlines()
+  assert lines[-2:] == ['PIL_IMPORTED False', 'TENSORFLOW_IMPORTED False']
+  result = json.loads(lines[-3])
+  assert result['input'] == 'device' and result['device_count'] == 2
+  assert result['images_per_sec'] > 0
 
 
 def test_cli_user_errors_are_one_line_exit_2():
