@@ -400,20 +400,6 @@ def _paper_stds(name: str, widths: Sequence[Sequence[int]], num_classes: int) ->
   return stds
 
 
-# He init scaled down for the last cccp of a GAP net (its maps are the logits): with full He
-# scale the logits of an untrained net are large (nin_small on digits: loss 3.1 against ln 10 =
-# 2.3, gradient norm 28), momentum carries that first gradient into the next steps, and the final
-# ReLU can die before warmup ends (1 of 5 seeds, measured). At 1/10 the net starts at ln C with a
-# gradient norm of 1. ReLU still passes about half of the maps: alive, never zero.
-CLASS_MAPS_INIT_SCALE = 0.1
-
-
-def he_class_maps_init() -> Initializer:
-  """He normal × CLASS_MAPS_INIT_SCALE (std), for the class-map layer of init='he'."""
-  return nn.initializers.variance_scaling(2.0 * CLASS_MAPS_INIT_SCALE**2, 'fan_in',
-                                          'truncated_normal')
-
-
 def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap',
               **overrides: Any) -> NIN:
   """A net from the zoo (`MODELS`) for `num_classes` classes.
@@ -421,8 +407,7 @@ def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap
   Args:
     name: a key of `MODELS`.
     num_classes: C; the last cccp of a GAP net gets C maps.
-    init: 'he' (He normal weights, the robust choice; the GAP head's class-map layer at 1/10
-      of that, `CLASS_MAPS_INIT_SCALE`) or 'paper' (the authors' Gaussian stds).
+    init: 'he' (He normal weights, the robust choice) or 'paper' (the authors' Gaussian stds).
     head: 'gap', 'fc' or 'fc_dropout'. With the fc heads, the last cccp keeps the width of the
       layer before it (192 for CIFAR) instead of C: our reading of the paper's Table 5.
     **overrides: any other `NIN` field (e.g. widths for a tiny test net, dropout_rate, dtype,
@@ -450,12 +435,6 @@ def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap
     spec['kernel_inits'] = tuple(
         tuple(nn.initializers.normal(stddev=s) for s in row)
         for row in _paper_stds(name, widths, num_classes))
-  if init == 'he' and head == 'gap' and 'kernel_inits' not in overrides:
-    he, class_maps = nn.initializers.he_normal(), he_class_maps_init()
-    spec['kernel_inits'] = tuple(
-        tuple(class_maps if (b, i) == (len(widths) - 1, len(row) - 1) else he
-              for i in range(len(row)))
-        for b, row in enumerate(widths))
   for key in ('kernel_sizes', 'strides', 'paddings', 'pools', 'dropout_after'):
     spec[key] = tuple(spec[key])
   return NIN(num_classes=num_classes, head=head, **spec)
