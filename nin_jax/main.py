@@ -21,6 +21,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from nin_jax import benchmark
 from nin_jax import train
 from nin_jax.errors import UserError
 
@@ -37,6 +38,10 @@ flags.DEFINE_string(
 flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-process runs: this one, 0..num_processes-1; '
                      'process 0 writes the files of the run.')
+flags.DEFINE_bool(
+    'keep_freed_memory', True, 'CPU-only Linux hosts: let malloc keep and reuse the memory '
+    'XLA frees every step (training nin_cifar: 1.2-2x faster on our 2-core host, for keeping '
+    'the peak memory; nin_jax.benchmark.keep_freed_memory). --nokeep_freed_memory: off.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
@@ -100,6 +105,8 @@ def initialize_distributed(coordinator_address: str | None = None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before JAX's first computation (XLA's threads pick their malloc arena on first use).
+  malloc_tuned = FLAGS.keep_freed_memory and benchmark.keep_freed_memory()
   try:
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except UserError as e:
@@ -113,9 +120,9 @@ def main(argv):
     pass
   if jax.process_index() > 0 and not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story; the others, problems
-  logging.info('JAX process %d of %d; %d local devices of %d: %s', jax.process_index(),
+  logging.info('JAX process %d of %d; %d local devices of %d: %s%s', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.local_devices())
+               jax.local_devices(), '; malloc keeps freed memory' if malloc_tuned else '')
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:

@@ -44,18 +44,19 @@ def resolve_conv_impl(impl: str) -> str:
     kernel gradient (`conv_hybrid`).
   'fft': the convolution theorem (`conv_fft`) for the layers where it does less work than the
     direct products (`fft_pays`: stride 1, kernels of 5×5 or more over 16 or more channels),
-    'hybrid' for the others.
-  'auto': 'fft' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
+    'hybrid' for the others. 1.4× faster training steps than 'hybrid' for nin_cifar on CPU, but
+    opt-in: its rounding differs from the direct convolution's (~1e-6 relative) and two short
+    recipes ended lower with it (docs/benchmarks.md), which is not understood yet.
+  'auto': 'hybrid' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
     CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product of the
     same size, but its kernel gradient at a quarter of that speed (a thirteenth with 3 input
-    channels), while im2col spends almost as long building its patch matrix as multiplying it;
-    and a 5×5 layer on 16×16 maps costs the FFT route 7× fewer multiply-adds. On GPU/TPU the
-    native convolution is the fast path throughout.
+    channels), while im2col spends almost as long building its patch matrix as multiplying it.
+    On GPU/TPU the native convolution is the fast path throughout.
   """
   if impl not in CONV_IMPLS:
     raise UserError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}')
   if impl == 'auto':
-    return 'fft' if jax.default_backend() == 'cpu' else 'xla'
+    return 'hybrid' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
