@@ -45,8 +45,9 @@ def resolve_conv_impl(impl: str) -> str:
   'fft': the convolution theorem (`conv_fft`) for the layers where it does less work than the
     direct products (`fft_pays`: stride 1, kernels of 5×5 or more over 16 or more channels),
     'hybrid' for the others. 1.4× faster training steps than 'hybrid' for nin_cifar on CPU, but
-    opt-in: its rounding differs from the direct convolution's (~1e-6 relative) and two short
-    recipes ended lower with it (docs/benchmarks.md), which is not understood yet.
+    opt-in: its rounding differs from the direct convolution's (~1e-6 relative), which moves
+    the quickstart and the digits test (both single seeds of fragile recipes) to other results
+    (docs/benchmarks.md: over ten digits seeds the two train alike).
   'auto': 'hybrid' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
     CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product of the
     same size, but its kernel gradient at a quarter of that speed (a thirteenth with 3 input
