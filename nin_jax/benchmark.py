@@ -9,14 +9,16 @@ r"""How fast a net trains and infers here: images per second of the jitted steps
 dropout on), `eval` the forward pass of inference (dropout off); both after compiling and one
 warm-up step, on random images that already live on the devices, so the number is the model's
 alone. `train --input=host|device` feeds every step its own batch through one of training's
-input paths instead (the host pipeline, or the dataset held on the devices; nin_jax.device_input). The batch is the global batch, split over all local devices (a 1-D 'data' mesh, as in
-training). `input` times the input pipeline alone (`nin_jax.input_pipeline.benchmark`).
+input paths instead (the host pipeline, or the dataset held on the devices;
+nin_jax.device_input). The batch is the global batch, split over all local devices (a 1-D
+'data' mesh, as in training). `input` times the input pipeline alone
+(`nin_jax.input_pipeline.benchmark`).
 
 The last line printed is one JSON object: images_per_sec and step_ms (of the median step; also
 step_ms_mean), compile_seconds, gflops_per_sec (model FLOPs: 2 × multiply-accumulates × 3 for a
 training step, × 1 for a forward pass; pools, ReLUs and the optimizer not counted), peak_rss_mb,
-backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, input, steps,
-and malloc_tuned (see `keep_freed_memory`). Nothing here imports TensorFlow: the accelerator
+backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, input,
+steps, and malloc_tuned (see `keep_freed_memory`). Nothing here imports TensorFlow: the accelerator
 machines have none. docs/benchmarks.md has the figures and benchmarks/ the comparison with PyTorch.
 """
 
@@ -233,25 +235,24 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
   params = jax.jit(lambda rng: model.init(rng, images[:1], train=False)['params'],
                    out_shardings=replicated)(init_rng)
 
-  start = time.perf_counter()
   if train:
     tx, train_step = make_train_step(model)
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+    step_fn, next_inputs = train_step, lambda: (images, labels)
+    if input != 'none':
+      step_fn, next_inputs = _input_path(input, train_step, mesh, batch_size, images.shape[1:],
+                                         num_classes, num_images, seed)
+    start = time.perf_counter()
     # Parameters and optimizer state are updated in place (donated), as in training.
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        params, opt_state, images, labels, dropout_rng).compile()
+    compiled = jax.jit(step_fn, donate_argnums=(0, 1)).lower(
+        params, opt_state, *next_inputs(), dropout_rng).compile()
   else:
+    start = time.perf_counter()
     compiled = jax.jit(make_eval_step(model)).lower(params, images).compile()
   compile_seconds = time.perf_counter() - start
 
   if train:
     state = {'params': params, 'opt_state': opt_state, 'rng': dropout_rng}
-    next_inputs = lambda: (images, labels)
-    if input != 'none':
-      compiled, next_inputs = _input_path(input, train_step, params, opt_state, dropout_rng,
-                                          mesh, batch_size, images.shape[1:], num_classes,
-                                          num_images, seed)
-      compile_seconds = time.perf_counter() - start
 
     def run():
       state['rng'], step_rng = jax.random.split(state['rng'])
@@ -272,9 +273,11 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
   return Benchmark(run, info, flops)
 
 
-def _input_path(input, train_step, params, opt_state, rng, mesh, batch_size, image_shape,
-                num_classes, num_images, seed):  # pylint: disable=redefined-builtin
-  """(compiled step, next_inputs) of the 'host' or 'device' input path (see build_benchmark)."""
+def _input_path(input, train_step, mesh, batch_size, image_shape, num_classes, num_images,
+                seed):  # pylint: disable=redefined-builtin
+  """(step, next_inputs) of the 'host' or 'device' input path (see build_benchmark): `step`
+  takes (params, opt_state, *next_inputs(), rng), as `train_step` takes (..., images, labels,
+  rng)."""
   import itertools  # pylint: disable=g-import-not-at-top
   from nin_jax import device_input  # pylint: disable=g-import-not-at-top
   from nin_jax import train  # pylint: disable=g-import-not-at-top  # no TensorFlow at import
@@ -283,10 +286,7 @@ def _input_path(input, train_step, params, opt_state, rng, mesh, batch_size, ima
   data = random_data(batch_size, tuple(image_shape), num_classes, num_images, seed)
   if input == 'host':
     batches = train.prefetch_to_mesh(data.train_batches(), batch_sharded)
-    next_inputs = lambda: tuple(next(batches).values())  # (image, label)
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        params, opt_state, *next_inputs(), rng).compile()
-    return compiled, next_inputs
+    return train_step, lambda: tuple(next(batches).values())  # (image, label)
   arrays = device_input.put_on_devices(data, replicated)
   make_batch = functools.partial(device_input.train_batch, kind=data.preprocessor.kind,
                                  augment=data.augment, translate_pixels=data.translate_pixels)
@@ -297,9 +297,7 @@ def _input_path(input, train_step, params, opt_state, rng, mesh, batch_size, ima
 
   draws = train.prefetch_to_mesh(map(data.train_draws, itertools.count()), batch_sharded)
   # The dataset is an argument, never a constant folded into the program.
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, opt_state, next(draws), arrays, rng).compile()
-  return compiled, lambda: (next(draws), arrays)
+  return step, lambda: (next(draws), arrays)
 
 
 def summarize(bench: Benchmark, times: list[float]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ _PRECISION = jax.lax.Precision.HIGHEST
 def dataset_bytes(data) -> int:
   """Bytes the device path keeps on each device: both uint8 splits, labels, statistics."""
   arrays = [data.train_images_uint8, data.train_labels, data.test_images_uint8, data.test_labels]
-  arrays += [v for v in statistics(data.preprocessor).values()]
+  arrays += list(statistics(data.preprocessor).values())
   return sum(int(a.nbytes) for a in arrays)
 
 
