@@ -194,7 +194,8 @@ def random_data(batch_size: int, image_shape: tuple[int, int, int], num_classes:
 def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str = 'float32',
                     num_classes: int = 10, image_size: int | None = None,
                     image_channels: int | None = None, conv_impl: str = 'auto', seed: int = 0,
-                    input: str = 'none', num_images: int = 10_000,  # pylint: disable=redefined-builtin
+                    input: str = 'none',  # pylint: disable=redefined-builtin
+                    num_images: int = 10_000,
                     **model_overrides: Any) -> Benchmark:
   """Compiles one training step ('train') or forward pass ('eval') of the named net.
 

@@ -2,8 +2,9 @@
 
 Every dataset is decoded once into host memory as uint8 (CIFAR-10: 150 MiB; SVHN train + extra:
 1.8 GiB; EMNIST byclass: 550 MiB). A split whose preprocessed float32 copy fits in
-`PREPROCESS_AT_LOAD_MAX_BYTES` is preprocessed once at load (ZCA is a 3072x3072 product per image:
-too slow to redo per batch on two cores); a larger split (SVHN train + extra, EMNIST) stays uint8
+`PREPROCESS_AT_LOAD_MAX_BYTES` is preprocessed whole, once, when the host first draws a batch of it
+(ZCA is a 3072x3072 product per image: too slow to redo per batch on two cores; the
+device-resident path never draws host batches, so it never pays for this); a larger split (SVHN train + extra, EMNIST) stays uint8
 and each batch is preprocessed when it is drawn, which gives the same numbers because every
 preprocessing works image by image. Augmentation (random translation, horizontal flip) is a
 numpy slice copy per image, fused with the gather of the batch.
@@ -31,6 +32,7 @@ import math
 import os
 import string
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -137,6 +139,9 @@ class Data:
   process_index: int = 0
   process_count: int = 1
   _inputs: dict[str, np.ndarray | None] = dataclasses.field(init=False, repr=False)
+  _whole: dict[str, bool] = dataclasses.field(init=False, repr=False)
+  _inputs_lock: threading.Lock = dataclasses.field(init=False, repr=False,
+                                                   default_factory=threading.Lock)
   _permutation_cache: tuple[int, np.ndarray] | None = dataclasses.field(
       init=False, repr=False, default=None)
 
@@ -153,10 +158,10 @@ class Data:
                       f'the images ({self.image_shape[0]}x{self.image_shape[1]})')
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f'process {self.process_index} of {self.process_count}')
-    self._inputs = {}
-    for split, images in (('train', self.train_images_uint8), ('test', self.test_images_uint8)):
-      fits = images.size * 4 <= PREPROCESS_AT_LOAD_MAX_BYTES
-      self._inputs[split] = self.preprocessor(images) if fits and len(images) else None
+    self._inputs = {'train': None, 'test': None}
+    self._whole = {split: bool(len(images)) and images.size * 4 <= PREPROCESS_AT_LOAD_MAX_BYTES
+                   for split, images in (('train', self.train_images_uint8),
+                                         ('test', self.test_images_uint8))}
 
   @property
   def steps_per_epoch(self) -> int:
@@ -170,14 +175,25 @@ class Data:
   @property
   def preprocessed_at_load(self) -> bool:
     """False when the training split is preprocessed batch by batch (large datasets)."""
-    return self._inputs['train'] is not None
+    return self._whole['train']
+
+  def _preprocessed_split(self, split: str) -> np.ndarray | None:
+    """The whole split preprocessed (computed on first use, then kept), or None for a split
+    preprocessed batch by batch. The train and eval prefetch threads may ask at once."""
+    if not self._whole[split]:
+      return None
+    with self._inputs_lock:
+      if self._inputs[split] is None:
+        images = self.train_images_uint8 if split == 'train' else self.test_images_uint8
+        self._inputs[split] = self.preprocessor(images)
+      return self._inputs[split]
 
   def preprocessed_images(self, split: str, indices: np.ndarray | None = None) -> np.ndarray:
     """float32 (len(indices), H, W, C) preprocessed (not augmented) images of 'train'/'test'."""
     images = self.train_images_uint8 if split == 'train' else self.test_images_uint8
     if indices is None:
       indices = np.arange(len(images))
-    inputs = self._inputs[split]
+    inputs = self._preprocessed_split(split)
     return inputs[indices] if inputs is not None else self.preprocessor(images[indices])
 
   def _epoch_permutation(self, epoch: int) -> np.ndarray:
@@ -224,8 +240,9 @@ class Data:
     labels = self.train_labels[rows]
     if self.augment == 'none':
       return {'image': self.preprocessed_images('train', rows), 'label': labels}
-    if self._inputs['train'] is not None:  # gather and augment in one pass
-      return {'image': translate_and_flip(self._inputs['train'], draws['shifts'],
+    inputs = self._preprocessed_split('train')
+    if inputs is not None:  # gather and augment in one pass
+      return {'image': translate_and_flip(inputs, draws['shifts'],
                                           draws['flips'], rows),
               'label': labels}
     return {'image': translate_and_flip(self.preprocessed_images('train', rows),
