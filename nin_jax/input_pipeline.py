@@ -51,7 +51,7 @@ TFDS_DATASETS = ('cifar10', 'cifar100', 'svhn_cropped', 'mnist', 'emnist/byclass
 DATASETS = ('folder', *TFDS_DATASETS, 'imagenet2012')
 AUGMENTS = ('none', 'translate', 'translate_flip')
 
-# A split whose preprocessed float32 copy is at most this big is preprocessed once at load;
+# A split whose preprocessed float32 copy is at most this big is preprocessed whole, once;
 # bigger ones are preprocessed per batch (CIFAR-10 train: 0.6 GiB; SVHN train + extra: 7.4 GiB).
 PREPROCESS_AT_LOAD_MAX_BYTES = 2 * 2**30
 # The decoded uint8 images of a split must fit in half of this machine's memory: ImageNet at
