@@ -9,8 +9,9 @@ The two ideas of the paper, each in one place:
   paper's Figure 4; they are sown as `intermediates/class_maps`.
 
 `get_model(name, num_classes)` builds the authors' nets exactly (layer widths, kernels, pools,
-dropout, ReLU after the last cccp) and the small NIN of the seed notes. `lr_multipliers` and
-`weight_decay_mask` hold the authors' per-layer optimizer settings as data.
+dropout, ReLU after the last cccp) and the small NIN of the seed notes (made sturdier in two
+places: see `MODELS`). `lr_multipliers` and `weight_decay_mask` hold the authors' per-layer
+optimizer settings as data.
 
 Layouts: images NHWC float32; conv kernels HWIO `(k, k, C_in, C_out)` for every layer, the 1×1
 cccp layers included (their kernels are `(1, 1, C_in, C_out)`), biases `(C_out,)`.
@@ -44,20 +45,20 @@ def resolve_conv_impl(impl: str) -> str:
     kernel gradient (`conv_hybrid`).
   'fft': the convolution theorem (`conv_fft`) for the layers where it does less work than the
     direct products (`fft_pays`: stride 1, kernels of 5×5 or more over 16 or more channels),
-    'hybrid' for the others. 1.4× faster training steps than 'hybrid' for nin_cifar on CPU, but
-    opt-in: its rounding differs from the direct convolution's (~1e-6 relative), which moves
-    the quickstart and the digits test (both single seeds of fragile recipes) to other results
-    (docs/benchmarks.md: over ten digits seeds the two train alike).
-  'auto': 'hybrid' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
-    CPU, XLA's forward and input-gradient convolutions run as fast as a matrix product of the
-    same size, but its kernel gradient at a quarter of that speed (a thirteenth with 3 input
-    channels), while im2col spends almost as long building its patch matrix as multiplying it.
-    On GPU/TPU the native convolution is the fast path throughout.
+    'hybrid' for the others. Its rounding differs from the direct convolution's by ~1e-6
+    relative; nets trained with either are alike (docs/benchmarks.md: seed sweeps of both).
+  'auto': 'fft' on CPU, 'xla' on accelerators. Why (docs/benchmarks.md has the figures): on
+    CPU, the 5×5 layers through the FFT do 7× fewer multiply-adds (nin_cifar's training step
+    1.4× faster than 'hybrid'); for the other layers XLA's forward and input-gradient
+    convolutions run as fast as a matrix product of the same size, but its kernel gradient at a
+    quarter of that speed (a thirteenth with 3 input channels), while im2col spends almost as
+    long building its patch matrix as multiplying it. On GPU/TPU the native convolution is the
+    fast path throughout.
   """
   if impl not in CONV_IMPLS:
     raise UserError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}')
   if impl == 'auto':
-    return 'hybrid' if jax.default_backend() == 'cpu' else 'xla'
+    return 'fft' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
@@ -382,13 +383,23 @@ MODELS: dict[str, dict[str, Any]] = {
                                  (1024, 1024, None)),
                          pools=('max', 'max', 'max'), dropout_after=(False, False, True)),
     # The seed notes' second Keras model and d2l.ai's NiN: the ImageNet shape (four mlpconvs,
-    # three pools, dropout only before the last block, whose three layers all have C maps) sized
-    # for 28×28 grayscale and a laptop: 28→14→7→3 maps, 5×5 then 3×3 kernels at stride 1 (an
-    # 11×11/4 first layer would leave nothing of 28 pixels), widths 32/64/128 so a CPU trains the
-    # 62 characters in minutes (about 20M multiply-accumulates per image).
+    # three pools, dropout only before the last block) sized for 28×28 grayscale and a laptop:
+    # 28→14→7→3 maps, 5×5 then 3×3 kernels at stride 1 (an 11×11/4 first layer would leave
+    # nothing of 28 pixels), widths 32/64/128 so a CPU trains the 62 characters in minutes (about
+    # 21M multiply-accumulates per image). Two changes from both, so that it trains at every seed
+    # and with few classes (docs/benchmarks.md, "Sturdy recipes", has the runs):
+    # - their last block has C maps in all three layers; here, as in the authors' nets (CIFAR
+    #   192-192-C, ImageNet 1024-1024-1000), only the last cccp has C. With 10 classes the
+    #   digits test's net ended at chance at 2 of 10 seeds: its 10-wide hidden layer had no live
+    #   ReLU left after 22 steps.
+    # - no ReLU on the class maps (`final_activation=False`), a reported fix for nets stuck at
+    #   chance (nin-reference.md): a class whose map is below zero at every position gets no
+    #   gradient and is never predicted again, which the 2×2 maps of 16×16 digits made common
+    #   (with the final ReLU, 3 of 9 runs kept a dead class). The authors' nets keep theirs.
     'nin_small': dict(kernel_sizes=(5, 5, 3, 3), strides=(1, 1, 1, 1), paddings=(2, 2, 1, 1),
-                      widths=((32, 32, 32), (64, 64, 64), (128, 128, 128), (None, None, None)),
-                      pools=('max', 'max', 'max'), dropout_after=(False, False, True)),
+                      widths=((32, 32, 32), (64, 64, 64), (128, 128, 128), (128, 128, None)),
+                      pools=('max', 'max', 'max'), dropout_after=(False, False, True),
+                      final_activation=False),
     # Used for testing only: a two-block NIN that compiles and trains in seconds on a CPU.
     '_nin_tiny': dict(kernel_sizes=(3, 3), strides=(1, 1), paddings=(1, 1),
                       widths=((16, 16), (32, None)), pools=('max',), dropout_after=(True,)),

@@ -113,7 +113,7 @@ def test_fft_is_used_only_where_it_pays():
 
 def test_resolve_conv_impl():
   assert models.resolve_conv_impl('auto') == (
-      'hybrid' if jax.default_backend() == 'cpu' else 'xla')
+      'fft' if jax.default_backend() == 'cpu' else 'xla')
   for impl in IMPLS:
     assert models.resolve_conv_impl(impl) == impl
   with pytest.raises(UserError, match='conv_impl'):

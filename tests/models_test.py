@@ -69,7 +69,7 @@ EXPECTED_PARAMS = {
         conv_params(5, 1, 32) + 2 * conv_params(1, 32, 32)
         + conv_params(5, 32, 64) + 2 * conv_params(1, 64, 64)
         + conv_params(3, 64, 128) + 2 * conv_params(1, 128, 128)
-        + conv_params(3, 128, 62) + 2 * conv_params(1, 62, 62)),
+        + conv_params(3, 128, 128) + conv_params(1, 128, 128) + conv_params(1, 128, 62)),
 }
 
 
@@ -143,6 +143,21 @@ def test_gap_logits_are_the_spatial_means_of_the_class_maps():
   assert maps.shape == (3, 3, 3, 5)
   assert float(jnp.abs(maps).max()) > 0
   np.testing.assert_allclose(logits, maps.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_class_maps_pass_a_relu_in_the_authors_nets_only():
+  """The authors' nets end in a ReLU (cccp6 + relu6); nin_small's class maps are linear, so no
+  class can die (models.py: a class map below zero everywhere has no gradient)."""
+  def class_maps(name, size, channels):
+    model = models.get_model(name, 10)
+    x = jax.random.normal(jax.random.key(1), (4, size, size, channels))
+    params = model.init(jax.random.key(0), x, train=False)['params']
+    _, state = model.apply({'params': params}, x, train=False, mutable=['intermediates'])
+    return state['intermediates']['class_maps'][0]
+
+  assert float(class_maps('nin_cifar', 32, 3).min()) == 0.0
+  assert all(models.get_model(name, 10).final_activation for name in AUTHORS_NETS)
+  assert float(class_maps('nin_small', 28, 1).min()) < 0.0
 
 
 @pytest.mark.parametrize('head', ['fc', 'fc_dropout'])
@@ -315,15 +330,17 @@ def reference_forward(spec, params, x):
       kernel, bias = (np.asarray(p[name][t], np.float64) for t in ('kernel', 'bias'))
       x = _np_conv(x, kernel, bias, spec['strides'][b] if i == 0 else 1,
                    spec['paddings'][b] if i == 0 else 0)
-      x = np.maximum(x, 0)
+      class_maps = b == blocks - 1 and i == len(layers) - 1
+      if not class_maps or spec.get('final_activation', True):
+        x = np.maximum(x, 0)
     if b < blocks - 1:
       x = _np_pool(x, spec['pools'][b])
   return x.mean(axis=(1, 2))
 
 
-@pytest.mark.parametrize('name', sorted(AUTHORS_NETS))
+@pytest.mark.parametrize('name', sorted(AUTHORS_NETS) + ['nin_small'])
 def test_same_logits_as_an_independent_implementation(name):
-  classes, size, channels = AUTHORS_NETS[name]
+  classes, size, channels = AUTHORS_NETS.get(name, (62, 28, 1))
   model, params = init_params(name, classes, size, channels)
   # Non-zero biases, so that the test sees them too.
   params = jax.tree_util.tree_map_with_path(

@@ -278,10 +278,14 @@ def test_chance_level_watch():
 
 
 def test_digits_through_the_folder_pipeline_reach_95_percent(digits_folder, tmp_path):
-  """scikit-learn's real 8×8 digits, written as a folder tree, trained with the small NIN."""
+  """scikit-learn's real 8×8 digits, written as a folder tree, trained with the small NIN.
+
+  The recipe reached 96.7-99.4% at each of seeds 0-9 with conv_impl 'fft' and 0-7 with
+  'hybrid' (docs/benchmarks.md, "Sturdy recipes"): this seed's pass does not hang on rounding.
+  """
   config = tiny_config(digits_folder, model='nin_small', num_classes=10, image_size=16,
                        batch_size=32, eval_batch_size=200, num_train_steps=-1, num_epochs=12,
-                       learning_rate=0.01, augment='none', log_every_steps=50,
+                       learning_rate=0.005, augment='none', log_every_steps=50,
                        eval_every_steps=-1, checkpoint_every_steps=-1, dropout_rate=0.0)
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   results = json.load(open(tmp_path / 'run' / 'results.json'))
