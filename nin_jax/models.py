@@ -395,7 +395,7 @@ MODELS: dict[str, dict[str, Any]] = {
     # - no ReLU on the class maps (`final_activation=False`), a reported fix for nets stuck at
     #   chance (nin-reference.md): a class whose map is below zero at every position gets no
     #   gradient and is never predicted again, which the 2×2 maps of 16×16 digits made common
-    #   (with the final ReLU, 3 of 9 runs kept a dead class). The authors' nets keep theirs.
+    #   (with the final ReLU, 5 of 11 runs kept a dead class). The authors' nets keep theirs.
     'nin_small': dict(kernel_sizes=(5, 5, 3, 3), strides=(1, 1, 1, 1), paddings=(2, 2, 1, 1),
                       widths=((32, 32, 32), (64, 64, 64), (128, 128, 128), (128, 128, None)),
                       pools=('max', 'max', 'max'), dropout_after=(False, False, True),
