@@ -380,10 +380,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   log_every = every_steps(config.log_every_steps, steps_per_epoch)
   eval_every = every_steps(config.eval_every_steps, steps_per_epoch)
   checkpoint_every = every_steps(config.checkpoint_every_steps, steps_per_epoch)
-  if is_writer:
-    write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
-    write_json_atomic(os.path.join(workdir, 'class_names.json'), list(data.class_names))
-    data.preprocessor.save(os.path.join(workdir, 'preprocessing.npz'))
 
   # --- Model and optimizer ---
   model = models.model_from_config(config)
@@ -445,10 +441,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     logging.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
     target = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_state)
-    state = checkpoints.restore(start_step, args=ocp.args.StandardRestore(target))
+    try:
+      state = checkpoints.restore(start_step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError) as e:  # Orbax: the stored shapes or tree differ from the model's
+      raise UserError(
+          f'{workdir} holds a checkpoint of step {start_step} that does not fit this run\'s model '
+          f'({config.model}, {config.num_classes} classes; {type(e).__name__}: {e}). Use a new '
+          f'--workdir, or the settings in its config.json') from e
   if start_step > num_steps:
     raise UserError(f'{workdir} holds a checkpoint of step {start_step}, past this run\'s '
                     f'{num_steps} steps: use a new --workdir or a longer run')
+  # Written once the workdir's checkpoint (if any) is known to fit, so that a refused resume
+  # leaves the config.json of the run that made it.
+  if is_writer:
+    write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+    write_json_atomic(os.path.join(workdir, 'class_names.json'), list(data.class_names))
+    data.preprocessor.save(os.path.join(workdir, 'preprocessing.npz'))
 
   num_params = models.count_params(state['params'])
   logging.info('%s: %d parameters, %d classes, %d train / %d test images, %d steps '

@@ -139,6 +139,15 @@ def test_plateau_schedule_drops_twice_when_training_accuracy_stalls():
   assert sorted(set(np.round(scales, 6))) == pytest.approx([0.01, 0.1, 1.0])
 
 
+def test_a_checkpoint_of_another_model_is_refused_and_its_config_kept(blobs_folder, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(blobs_folder, num_train_steps=6), workdir)
+  written = json.load(open(os.path.join(workdir, 'config.json')))
+  with pytest.raises(UserError, match='does not fit this run.s model'):
+    train.train_and_evaluate(tiny_config(blobs_folder, num_train_steps=12, head='fc'), workdir)
+  assert json.load(open(os.path.join(workdir, 'config.json'))) == written  # head 'gap' kept
+
+
 def test_paper_multipliers_scale_the_update(blobs_folder):
   config = tiny_config(blobs_folder, weight_decay=0.0, momentum=0.0, warmup_fraction=0.0,
                        schedule='constant', learning_rate=1.0)
