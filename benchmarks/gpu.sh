@@ -11,8 +11,8 @@
 # bfloat16, each step's batch drawn through the host input pipeline and through the
 # device-resident one (--input host|device, 10,000 random CIFAR-sized images, standardize +
 # translate_flip), and prints train images/s and MFU = model FLOPs per second / the GPU's dense
-# peak. Model FLOPs: 2 × 222M
-# multiply-accumulates × 3 (forward, both halves of the backward pass) = 1.33 GFLOP per image.
+# peak. Model FLOPs: 2 × 222M multiply-accumulates × 3 (forward, both halves of the backward
+# pass) = 1.33 GFLOP per image.
 # Peaks (H100 SXM, dense, TFLOP/s): bfloat16 989; float32 runs its convolutions and matmuls as
 # TF32 on the tensor cores by default in XLA, so its MFU is against the TF32 peak, 494. Override
 # both for another GPU (an H200 has the same peaks; an H100 PCIe 756 and 378).
@@ -46,7 +46,8 @@ for batch in $BATCHES; do
 import json, sys
 r, peak = json.loads(sys.argv[1]), float(sys.argv[2])
 tflops = r['gflops_per_sec'] / 1e3
-print(f"{r['batch_size']:<6} {r['dtype']:<9} {r['input']:<7} {r['images_per_sec']:12.0f} {r['step_ms']:10.2f} "
+print(f"{r['batch_size']:<6} {r['dtype']:<9} {r['input']:<7} {r['images_per_sec']:12.0f} "
+      f"{r['step_ms']:10.2f} "
       f"{tflops:10.1f} {100 * tflops / peak:8.1f}% {r['compile_seconds']:12.1f}   "
       f"(peak {peak:g}, {r['backend']} x{r['device_count']}, conv {r['conv_impl']})")
 EOF

@@ -289,8 +289,7 @@ def _input_path(input, train_step, mesh, batch_size, image_shape, num_classes, n
     batches = train.prefetch_to_mesh(data.train_batches(), batch_sharded)
     return train_step, lambda: tuple(next(batches).values())  # (image, label)
   arrays = device_input.put_on_devices(data, replicated)
-  make_batch = functools.partial(device_input.train_batch, kind=data.preprocessor.kind,
-                                 augment=data.augment, translate_pixels=data.translate_pixels)
+  make_batch, _ = device_input.batch_makers(data)
 
   def step(params, opt_state, draws, arrays, rng):
     batch = make_batch(arrays, draws)

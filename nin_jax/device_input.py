@@ -19,6 +19,7 @@ Imports only JAX and numpy (no TensorFlow, no PIL), like the train step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from absl import logging
@@ -157,17 +158,20 @@ def preprocess(kind: str, stats: dict[str, jax.Array], images: jax.Array) -> jax
 # --- The batches --------------------------------------------------------------------------------
 
 
-def translate_and_flip(images: jax.Array, shifts: jax.Array, flips: jax.Array,
+def translate_and_flip(images: jax.Array, shifts: jax.Array, flips: jax.Array | None,
                        max_shift: int) -> jax.Array:
   """`input_pipeline.translate_and_flip` on the devices: out[i, y, x] = images[i, y - dy_i,
-  x - dx_i] (0 outside), mirrored in x where flips[i]; |dy|, |dx| <= max_shift.
+  x - dx_i] (0 outside), mirrored in x where flips[i]; |dy|, |dx| <= max_shift. flips=None:
+  no image is mirrored (augment 'translate'), and the step does not pass over the batch for it.
 
   Each image is mirrored first and then shifted by -dx (the same thing), as a window of the
   zero-padded image at a per-image offset.
   """
-  n, h, w, c = images.shape
-  images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
-  dy, dx = shifts[:, 0], jnp.where(flips, -shifts[:, 1], shifts[:, 1])
+  _, h, w, c = images.shape
+  dy, dx = shifts[:, 0], shifts[:, 1]
+  if flips is not None:
+    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    dx = jnp.where(flips, -dx, dx)
   t = max_shift
   padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
   window = lambda image, dy, dx: jax.lax.dynamic_slice(image, (t - dy, t - dx, 0), (h, w, c))
@@ -181,10 +185,20 @@ def train_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *, kind: st
   rows = draws['rows']
   images = preprocess(kind, arrays['statistics'], arrays['train_images'][rows])
   if augment != 'none' and translate_pixels > 0:
-    images = translate_and_flip(images, draws['shifts'], draws['flips'], translate_pixels)
+    flips = draws['flips'] if augment == 'translate_flip' else None
+    images = translate_and_flip(images, draws['shifts'], flips, translate_pixels)
   elif augment == 'translate_flip':
     images = jnp.where(draws['flips'][:, None, None, None], images[:, :, ::-1], images)
   return {'image': images, 'label': arrays['train_labels'][rows]}
+
+
+def batch_makers(data) -> tuple[Any, Any]:
+  """(train_batch, eval_batch) with `data`'s preprocessing and augmentation settings bound:
+  each takes (arrays, draws), inside the jitted step."""
+  kind = data.preprocessor.kind
+  return (functools.partial(train_batch, kind=kind, augment=data.augment,
+                            translate_pixels=data.translate_pixels),
+          functools.partial(eval_batch, kind=kind))
 
 
 def eval_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *,

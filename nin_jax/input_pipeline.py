@@ -2,10 +2,10 @@
 
 Every dataset is decoded once into host memory as uint8 (CIFAR-10: 150 MiB; SVHN train + extra:
 1.8 GiB; EMNIST byclass: 550 MiB). A split whose preprocessed float32 copy fits in
-`PREPROCESS_AT_LOAD_MAX_BYTES` is preprocessed whole, once, when the host first draws a batch of it
-(ZCA is a 3072x3072 product per image: too slow to redo per batch on two cores; the
-device-resident path never draws host batches, so it never pays for this); a larger split (SVHN train + extra, EMNIST) stays uint8
-and each batch is preprocessed when it is drawn, which gives the same numbers because every
+`PREPROCESS_AT_LOAD_MAX_BYTES` is preprocessed whole, once, when the host first draws a batch
+of it (ZCA is a 3072x3072 product per image: too slow to redo per batch on two cores; the
+device-resident path never draws host batches, so it never pays for this); a larger split (SVHN
+train + extra, EMNIST) stays uint8 and each batch is preprocessed when it is drawn, which gives the same numbers because every
 preprocessing works image by image. Augmentation (random translation, horizontal flip) is a
 numpy slice copy per image, fused with the gather of the batch.
 
@@ -242,8 +242,7 @@ class Data:
       return {'image': self.preprocessed_images('train', rows), 'label': labels}
     inputs = self._preprocessed_split('train')
     if inputs is not None:  # gather and augment in one pass
-      return {'image': translate_and_flip(inputs, draws['shifts'],
-                                          draws['flips'], rows),
+      return {'image': translate_and_flip(inputs, draws['shifts'], draws['flips'], rows),
               'label': labels}
     return {'image': translate_and_flip(self.preprocessed_images('train', rows),
                                         draws['shifts'], draws['flips']),

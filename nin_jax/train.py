@@ -403,11 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   pipeline = device_input.choose_pipeline(config.input_pipeline, data)
   if pipeline == 'device':
     arrays = device_input.put_on_devices(data, replicated)
-    kind = data.preprocessor.kind
-    make_train_batch = functools.partial(device_input.train_batch, kind=kind,
-                                         augment=data.augment,
-                                         translate_pixels=data.translate_pixels)
-    make_eval_batch = functools.partial(device_input.eval_batch, kind=kind)
+    make_train_batch, make_eval_batch = device_input.batch_makers(data)
     device_update = jax.jit(
         lambda state, draws, arrays: step_fn(state, make_train_batch(arrays, draws)),
         in_shardings=(replicated, data_sharding, replicated),
@@ -454,7 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # Written once the workdir's checkpoint (if any) is known to fit, so that a refused resume
   # leaves the config.json of the run that made it.
   if is_writer:
-    write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+    write_json_atomic(os.path.join(workdir, 'config.json'),
+                      json.loads(config.to_json_best_effort()))
     write_json_atomic(os.path.join(workdir, 'class_names.json'), list(data.class_names))
     data.preprocessor.save(os.path.join(workdir, 'preprocessing.npz'))
 
