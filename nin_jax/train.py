@@ -50,6 +50,10 @@ class Diverged(UserError):
   """The loss or a gradient stopped being finite; the last good checkpoint is kept."""
 
 
+class DeadNet(UserError):
+  """Every gradient has been exactly zero for `DeadNetGuard.patience` steps."""
+
+
 # --- Durations -----------------------------------------------------------------------------------
 # One vocabulary: the run is `num_train_steps` long (or num_epochs of the training set), and every
 # other duration of the recipe is a fraction of it, so --config.num_epochs=N shortens all of it.
@@ -122,11 +126,29 @@ def plateau_scale(opt_state) -> jax.Array:
 
 # --- Train state ---------------------------------------------------------------------------------
 
-def create_train_state(rng: jax.Array, model: models.NIN, tx: optax.GradientTransformation,
+def create_train_state(rng: jax.Array, init_images: jax.Array | None, *, model: models.NIN,
+                       tx: optax.GradientTransformation,
                        image_shape: tuple[int, int, int]) -> State:
+  """Fresh parameters and optimizer state. With `init_images` (float32 (N, H, W, C),
+  preprocessed training images: `init_images`) the data-dependent init `models.init_from_data`
+  rescales the parameters (config.init='lsuv')."""
   params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)['params']
+  if init_images is not None:
+    params = models.init_from_data(model, params, init_images)
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
           'nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
+def init_images(config: ml_collections.ConfigDict, data) -> np.ndarray | None:
+  """The preprocessed training images that config.init='lsuv' fits the init on (None for the
+  other inits): one batch drawn with the run's seed, the same on every process."""
+  if config.init != 'lsuv':
+    return None
+  n = min(config.batch_size, data.num_train_examples)
+  rows = np.sort(np.random.default_rng([config.seed, 2]).choice(  # 2: not the data's streams
+      data.num_train_examples, n, replace=False))
+  # Image by image, as every preprocessing is: the device path never preprocesses a whole split.
+  return data.preprocessor(data.train_images_uint8[rows])
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -428,10 +450,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            cleanup_tmp_directories=True))
-  abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed))
+  init_batch = init_images(config, data)
+  if init_batch is not None:  # every process has the same images: a replicated global array
+    init_batch = jax.make_array_from_process_local_data(replicated, init_batch)
+  abstract_state = jax.eval_shape(init_fn, jax.random.key(config.seed), init_batch)
   start_step = checkpoints.latest_step()
   if start_step is None:
-    state = init_fn(jax.random.key(config.seed))
+    state = init_fn(jax.random.key(config.seed), init_batch)
     start_step = 0
   else:
     logging.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
@@ -470,6 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     progress = tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
                     desc='train')
   chance_checked = False
+  dead_guard = DeadNetGuard(data.num_classes)
   window: list[dict[str, jax.Array]] = []
   unlogged = restore_unlogged(checkpoints, start_step) if start_step else []  # steps before it
   window_start = time.time()
@@ -482,6 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       for step in range(start_step + 1, num_steps + 1):
         state, metrics = update_fn(state, next(batches))
         window.append(metrics)
+        dead_guard.update(step, metrics)
         if progress is not None:
           progress.update(1)
 
@@ -554,6 +581,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           f"(error {100 * eval_metrics['test_error']:.2f}%) on "
           f"{eval_metrics['num_test_examples']} test images, step {step}", flush=True)
   return state
+
+
+class DeadNetGuard:
+  """Stops a run whose net is dead: every gradient exactly zero, step after step.
+
+  NIN's known failure (nin-reference.md, "stuck at chance"): when every class map is at or
+  below zero under the final ReLU, every logit is 0, the loss is ln C and no gradient reaches
+  any weight, so the net can never learn again. `update` is called every step with the step's
+  device metrics; every `every` steps it reads those of the steps dispatched `every` steps
+  earlier (already computed, so the devices are not stalled) and raises `DeadNet` once
+  `patience` steps in a row had a zero gradient: within about 40 steps of the death.
+  """
+
+  def __init__(self, num_classes: int, every: int = 10, patience: int = 20):
+    self.num_classes, self.every, self.patience = num_classes, every, patience
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.zero_steps = 0
+
+  def update(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((step, {k: metrics[k] for k in ('train_loss', 'grad_norm')}))
+    if step % self.every or len(self.pending) <= self.every:
+      return
+    ready, self.pending = self.pending[:-self.every], self.pending[-self.every:]
+    for s, m in jax.device_get(ready):
+      self.zero_steps = self.zero_steps + 1 if m['grad_norm'] == 0 else 0
+      if self.zero_steps >= self.patience:
+        raise DeadNet(
+            f'the net is dead: every gradient has been exactly zero for {self.zero_steps} '
+            f'steps (to step {s}), loss {float(m["train_loss"]):.4f} (ln {self.num_classes} = '
+            f'{math.log(self.num_classes):.4f}). Every class map is at or below zero under the '
+            'final ReLU, so every logit is 0 and nothing can learn again; stopped. Start it '
+            "alive with init='lsuv', which starts every class map well above zero, or use a "
+            'lower learning_rate or a longer warmup_fraction (docs/recipes.md)')
 
 
 def warn_if_at_chance(train_loss: float, num_classes: int, step: int) -> bool:

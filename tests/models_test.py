@@ -397,3 +397,34 @@ def test_bad_settings_are_user_errors():
   model = models.get_model('nin_imagenet', 1000)
   with pytest.raises(UserError, match='too small'):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
+
+
+# --- The data-dependent init (init='lsuv') ------------------------------------------------------
+
+def _pre_activations(model, params, x):
+  _, state = model.apply({'params': params}, x, train=False, capture_intermediates=True,
+                         mutable=['intermediates'])
+  state = state['intermediates']
+  return {f'{b}/{l}': np.asarray(state[b][l]['__call__'][0])
+          for b in params if b.startswith('mlpconv') for l in params[b]}
+
+
+@pytest.mark.parametrize('name,size,channels', [('nin_mnist', 28, 1), ('_nin_tiny', 12, 3)])
+def test_lsuv_init_gives_unit_layers_and_live_level_class_maps(name, size, channels):
+  x, _ = _digits(64)
+  x = jnp.tile(x[:, 8:8 + size, 8:8 + size], (1, 1, 1, channels)) * 0.3 + 0.2
+  model = models.get_model(name, 10, init='lsuv')
+  params = model.init(jax.random.key(0), x[:1], train=False)['params']
+  fitted = jax.jit(functools.partial(models.init_from_data, model))(params, x)
+  before, after = _pre_activations(model, params, x), _pre_activations(model, fitted, x)
+  last = '/'.join(models._last_cccp(params))
+  for layer, values in after.items():
+    if layer != last:  # every hidden layer: unit std, the same function up to its scale
+      assert abs(values.std() - 1) < 1e-3, layer
+      scale = before[layer].std()
+      np.testing.assert_allclose(values, before[layer] / scale, atol=1e-4, rtol=1e-3)
+  maps = after[last]
+  np.testing.assert_allclose(maps.mean(axis=(0, 1, 2)), 3.0, atol=1e-3)  # level, well above 0
+  np.testing.assert_allclose(np.sqrt(maps.var(axis=(0, 1, 2)).mean()), 0.1, rtol=1e-3)
+  assert (maps > 0).all()  # every class map alive everywhere
+  assert np.asarray(before[last].mean(axis=(0, 1, 2))).std() > 0.1  # He's offsets differ by class

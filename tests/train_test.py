@@ -286,6 +286,48 @@ def test_chance_level_watch():
   assert not train.warn_if_at_chance(1.2, 10, 300)
 
 
+def _guard_steps(grad_norms):
+  """Feeds a DeadNetGuard one step per gradient norm; the step it raised at, or None."""
+  guard = train.DeadNetGuard(num_classes=10)
+  for step, g in enumerate(grad_norms, start=1):
+    try:
+      guard.update(step, {'train_loss': np.float32(math.log(10)), 'grad_norm': np.float32(g)})
+    except train.DeadNet as e:
+      assert 'class map' in str(e) and "init='lsuv'" in str(e)
+      return step
+  return None
+
+
+def test_dead_net_guard_fires_within_a_few_dozen_steps_and_only_then():
+  assert _guard_steps([0.0] * 100) <= 40              # dead from the start
+  assert _guard_steps([1.0] * 30 + [0.0] * 100) <= 70  # dies at step 31
+  assert _guard_steps([1e-3] * 200) is None           # a slow but live net
+  assert _guard_steps(([0.0] * 15 + [0.5]) * 10) is None  # zero steps, but never 20 in a row
+
+
+def test_a_dead_run_stops_with_the_cause_and_the_fix(blobs_folder, tmp_path):
+  """A rate of 2 drives every class map of the tiny net below zero within 20 steps (measured:
+  loss exactly ln 3 and zero gradient from then on); the run stops instead of going on."""
+  config = tiny_config(blobs_folder, learning_rate=2.0, warmup_fraction=0.0, num_train_steps=200,
+                       log_every_steps=10, eval_every_steps=200, checkpoint_every_steps=200)
+  result = run_main(tmp_path / 'run', config)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'the net is dead' in errors[0], errors
+  dead_at = int(errors[0].split('(to step ')[1].split(')')[0])
+  assert dead_at <= 60
+  assert not os.path.exists(tmp_path / 'run' / 'results.json')
+
+
+def test_a_healthy_run_passes_the_dead_net_guard(blobs_folder, tmp_path):
+  config = tiny_config(blobs_folder, num_train_steps=60, log_every_steps=10,
+                       eval_every_steps=60, checkpoint_every_steps=60)
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  records = read_metrics(tmp_path / 'run')
+  assert all(r['grad_norm'] > 0 for r in records if 'grad_norm' in r)
+  assert json.load(open(tmp_path / 'run' / 'results.json'))['step'] == 60
+
+
 def test_digits_through_the_folder_pipeline_reach_95_percent(digits_folder, tmp_path):
   """scikit-learn's real 8×8 digits, written as a folder tree, trained with the small NIN.
 
@@ -301,3 +343,12 @@ def test_digits_through_the_folder_pipeline_reach_95_percent(digits_folder, tmp_
   held_out = sum(round(n * 0.1) for n in np.bincount(load_digits().target))  # stratified 10%
   assert results['num_test_examples'] == held_out == 179
   assert results['test_accuracy'] >= 0.95, results
+
+
+def test_lsuv_init_runs_and_repeats_bit_for_bit(blobs_folder, tmp_path):
+  config = tiny_config(blobs_folder, init='lsuv')
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  loss = lambda run: [r['train_loss'] for r in read_metrics(tmp_path / run) if 'train_loss' in r]
+  assert loss('a') == loss('b')  # the init batch is a function of the seed alone
+  assert all(r['grad_norm'] > 0 for r in read_metrics(tmp_path / 'a') if 'grad_norm' in r)

@@ -1,0 +1,336 @@
+r"""Does a recipe learn real images? Trains a config on real data at several seeds.
+
+  # the README's CIFAR-10 recipe, 10 epochs, 3 seeds, through the trainer and the folder dataset:
+  python benchmarks/recipes.py train --config experiments/cifar10.py \
+      --data ../shared/data/cifar10_real_train3805.npz --epochs 10 --seeds 0,1,2
+  # the PyTorch reference recipe on the same split and preprocessing (pip install -e '.[bench]'):
+  python benchmarks/recipes.py torch --config experiments/cifar10.py \
+      --data ../shared/data/cifar10_real_train3805.npz --epochs 10 --seeds 0,1,2
+  # the first steps of a config as written (its whole schedule), with the health of every layer:
+  python benchmarks/recipes.py probe --config experiments/mnist.py --data digits --steps 60
+
+`--data` is an `.npz` with `images` uint8 (N, H, W, C), `labels` and `class_names`, a
+class-per-folder tree, or `digits` (scikit-learn's 1,797 real 8×8 handwritten digits). A
+stratified `--val_fraction` of it (drawn with seed 0, the same for every run) is held out and is
+the "test" split of every run here. Images are resized to the config's size and channels as the
+folder dataset does.
+
+- `train`: writes the split as a folder tree and runs `nin_jax.train.train_and_evaluate` with
+  the config as written but for `--epochs` (num_epochs) and the folder dataset: exactly what a
+  user's `python -m nin_jax.main --config ... --config.dataset=folder` runs.
+- `probe`: the config's own optimizer, schedule (its full length on this data), init and train
+  step, for at most `--steps` steps; every `--every` steps the share of live ReLUs per layer, the
+  class maps' range, the logit scale and per-layer gradient norms on a fixed batch. It reports
+  the first step where the loss (mean of the last 5 steps) is below `--chance_fraction` x ln C.
+- `torch`: jiecaoyu/pytorch-nin-cifar10's recipe, the best-known public one for this net:
+  N(0, 0.05) weights, zero biases, base rate 0.1, momentum 0.9, weight decay 1e-4 on weights,
+  biases x2, the last cccp x0.1 (its step decay starts at epoch 80: constant here), batch 128,
+  fed our batches (same split, preprocessing and order).
+
+One JSON line per run goes to stdout (and `--out`, appended). Nothing here needs TensorFlow for
+`.npz` or digits input, so `probe` and `torch` run on a bare-JAX accelerator host; `train` uses
+the trainer, whose metric writers do import TensorFlow (clu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+# --- Data ------------------------------------------------------------------------------------------
+
+def load_images(source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(uint8 (N, H, W, C) images, int32 labels, class names) of an npz, a folder or 'digits'."""
+  if source == 'digits':
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)[..., None]
+    return images, digits.target.astype(np.int32), [str(d) for d in range(10)]
+  if source.endswith('.npz'):
+    with np.load(source) as f:
+      images = f['images']
+      if images.ndim == 3:
+        images = images[..., None]
+      return (images.astype(np.uint8), f['labels'].astype(np.int32),
+              [str(c) for c in f['class_names']])
+  from nin_jax import preprocessing
+  classes = sorted(c for c in os.listdir(source) if not c.startswith('.'))
+  images, labels = [], []
+  for label, name in enumerate(classes):
+    for file in sorted(os.listdir(os.path.join(source, name))):
+      images.append(preprocessing.load_image(os.path.join(source, name, file), 32, 3))
+      labels.append(label)
+  return np.stack(images), np.asarray(labels, np.int32), classes
+
+
+def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+  """As the folder dataset converts: luma or RGB by repetition, bilinear resize."""
+  from PIL import Image
+  if images.shape[1:] == (size, size, channels):
+    return images
+  out = []
+  for image in images:
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    pil = pil.convert('L' if channels == 1 else 'RGB')
+    if pil.size != (size, size):
+      pil = pil.resize((size, size), Image.Resampling.BILINEAR)
+    out.append(np.asarray(pil).reshape(size, size, channels))
+  return np.stack(out)
+
+
+def split(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified (train rows, held-out rows), drawn with seed 0 whatever the run's seed."""
+  rng = np.random.default_rng(0)
+  train, held_out = [], []
+  for c in np.unique(labels):
+    rows = rng.permutation(np.flatnonzero(labels == c))
+    n = int(round(val_fraction * len(rows)))
+    held_out.append(rows[:n])
+    train.append(rows[n:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(held_out))
+
+
+def load_config(path: str, seed: int, overrides: list[str], epochs: float | None):
+  spec = importlib.util.spec_from_file_location('experiment_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, text = item.split('=', 1)
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:  # a bare string: --set init=lsuv
+      value = text
+    config[key] = tuple(value) if isinstance(config[key], (tuple, list)) else type(config[key])(
+        value)
+  config.seed = seed
+  if epochs is not None:
+    config.num_epochs = epochs
+  config.progress_bar = False
+  return config
+
+
+def make_data(config, images, labels, class_names, rows_train, rows_test):
+  """The Data a run of `config` trains on; class names padded to config.num_classes (CIFAR-100
+  or EMNIST-shaped nets on 10-class data)."""
+  from nin_jax import input_pipeline
+  images = resize(images, config.image_size, config.image_channels)
+  names = list(class_names) + [f'unused_{i}' for i in range(len(class_names),
+                                                            config.num_classes)]
+  return input_pipeline.data_from_arrays(
+      config, train_images=images[rows_train], train_labels=labels[rows_train],
+      test_images=images[rows_test], test_labels=labels[rows_test], class_names=names)
+
+
+# --- The trainer, as a user runs it ---------------------------------------------------------------
+
+def run_trainer(config, images, labels, class_names, rows_train, rows_test) -> dict[str, Any]:
+  from PIL import Image
+  from nin_jax import train
+  with tempfile.TemporaryDirectory() as tmp:
+    root = os.path.join(tmp, 'data')
+    for part, rows in (('train', rows_train), ('test', rows_test)):
+      for i in rows:
+        folder = os.path.join(root, part, class_names[labels[i]])
+        os.makedirs(folder, exist_ok=True)
+        image = images[i][..., 0] if images.shape[-1] == 1 else images[i]
+        Image.fromarray(image).save(os.path.join(folder, f'{i:05d}.png'))
+    config.dataset, config.data_dir, config.generate_chars = 'folder', root, False
+    workdir = os.path.join(tmp, 'run')
+    start = time.time()
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+  test = [r for r in records if 'test_accuracy' in r]
+  losses = [r for r in records if 'train_loss' in r]
+  spe = max(1, len(rows_train) // config.batch_size)
+  return {'test_accuracy': {round(r['step'] / spe, 2): r['test_accuracy'] for r in test},
+          'train_loss': {r['step']: round(r['train_loss'], 4) for r in losses},
+          'seconds': round(time.time() - start, 1)}
+
+
+# --- The first steps, with every layer's health ---------------------------------------------------
+
+def layer_names(params) -> list[tuple[str, ...]]:
+  blocks = sorted((k for k in params if k.startswith('mlpconv')), key=lambda k: int(k[7:]))
+  names = [(b, l) for b in blocks
+           for l in sorted(params[b], key=lambda k: -1 if k == 'conv' else int(k[4:]))]
+  return names + ([('fc',)] if 'fc' in params else [])
+
+
+def make_health_fn(model):
+  """fn(params, images, labels) -> per-layer live ReLU share and gradient norm, the class
+  maps' range and the logit scale, on one batch with dropout off."""
+  import jax
+  import jax.numpy as jnp
+  from nin_jax import train
+
+  def health(params, images, labels):
+    def loss_fn(p):
+      logits, captured = model.apply({'params': p}, images, train=False,
+                                     capture_intermediates=True, mutable=['intermediates'])
+      return train.cross_entropy(logits, labels).mean(), (logits, captured['intermediates'])
+    (loss, (logits, captured)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    live, grad_norms = [], []
+    for path in layer_names(params):
+      out, g = captured, grads
+      for name in path:
+        out, g = out[name], g[name]
+      live.append(jnp.mean(out['__call__'][0] > 0))
+      grad_norms.append(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(g))))
+    maps = captured[layer_names(params)[-1][0]][layer_names(params)[-1][1]]['__call__'][0] \
+        if model.head == 'gap' else logits[:, None, None, :]
+    alive_classes = jnp.mean(jnp.any(maps > 0, axis=(0, 1, 2)))
+    return {'loss': loss, 'live_relu': jnp.stack(live), 'grad_norm': jnp.stack(grad_norms),
+            'class_map_min': jnp.min(maps), 'class_map_max': jnp.max(maps),
+            'classes_alive': alive_classes, 'logit_std': jnp.std(logits),
+            'logit_mean': jnp.mean(logits)}
+  return jax.jit(health)
+
+
+def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[str, Any]:
+  import functools
+  import jax
+  from nin_jax import models, train
+  spe = data.steps_per_epoch
+  num_steps = train.total_steps(config, spe)
+  model = models.model_from_config(config)
+  lr_fn = train.create_learning_rate_fn(config, num_steps)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), np.zeros((1, *data.image_shape), np.float32), train=False))['params']
+  tx = train.create_optimizer(config, abstract, lr_fn, spe, num_steps)
+  init = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx,
+                                   image_shape=data.image_shape))
+  state = init(jax.random.key(config.seed), train.init_images(config, data))
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                      learning_rate_fn=lr_fn, seed=config.seed), donate_argnums=0)
+  health_fn = make_health_fn(model)
+  fixed = data.train_batch(0)
+  threshold = chance_fraction * math.log(data.num_classes)
+  losses, health, below = [], [], None
+  start = time.time()
+  for step in range(steps):
+    if step % every == 0:
+      h = jax.device_get(health_fn(state['params'], fixed['image'], fixed['label']))
+      health.append({'step': step, **{k: np.round(np.asarray(v), 4).tolist()
+                                      for k, v in h.items()}})
+    state, metrics = step_fn(state, data.train_batch(step))
+    losses.append(float(metrics['train_loss']))
+    if below is None and len(losses) >= 5 and np.mean(losses[-5:]) < threshold:
+      below = step + 1
+      if not every:
+        break
+  return {'steps_run': len(losses), 'first_step_below': below, 'threshold': round(threshold, 4),
+          'num_steps_of_config': num_steps, 'losses': [round(x, 4) for x in losses],
+          'layers': ['/'.join(p) for p in layer_names(state['params'])], 'health': health,
+          'seconds': round(time.time() - start, 1)}
+
+
+# --- The PyTorch reference ------------------------------------------------------------------------
+
+def run_torch(config, data, epochs: float) -> dict[str, Any]:
+  import torch
+  from benchmarks.compare_pytorch import torch_nin
+  from nin_jax import models
+  torch.manual_seed(config.seed)
+  torch.set_num_threads(os.cpu_count() or 1)
+  model = models.get_model(config.model, data.num_classes, dropout_rate=config.dropout_rate)
+  net = torch_nin(model, data.image_shape[-1])
+  convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+  for m in convs:
+    torch.nn.init.normal_(m.weight, 0.0, 0.05)
+    torch.nn.init.zeros_(m.bias)
+  base = 0.1
+  groups = []
+  for i, m in enumerate(convs):
+    last = i == len(convs) - 1
+    groups.append({'params': [m.weight], 'lr': base * (0.1 if last else 1.0),
+                   'weight_decay': 1e-4})
+    groups.append({'params': [m.bias], 'lr': base * (0.1 if last else 2.0), 'weight_decay': 0.0})
+  opt = torch.optim.SGD(groups, lr=base, momentum=0.9)
+  loss_fn = torch.nn.CrossEntropyLoss()
+  spe = data.steps_per_epoch
+  total = int(round(epochs * spe))
+  to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  accuracy, losses = {}, {}
+  start = time.time()
+  for step in range(total):
+    batch = data.train_batch(step)
+    net.train()
+    opt.zero_grad()
+    loss = loss_fn(net(to_torch(batch['image'])), torch.from_numpy(batch['label']).long())
+    loss.backward()
+    opt.step()
+    losses[step + 1] = round(float(loss), 4)
+    if (step + 1) % spe == 0 or step + 1 == total:
+      net.eval()
+      correct = count = 0
+      with torch.no_grad():
+        for b in data.eval_batches():
+          pred = net(to_torch(b['image'])).argmax(1).numpy()
+          correct += int(np.sum((pred == b['label']) & b['mask']))
+          count += int(b['mask'].sum())
+      accuracy[round((step + 1) / spe, 2)] = correct / count
+  return {'test_accuracy': accuracy, 'train_loss': {k: v for k, v in losses.items()
+                                                    if k % 10 == 0 or k == total},
+          'seconds': round(time.time() - start, 1)}
+
+
+# --- Command line ---------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('mode', choices=('train', 'probe', 'torch'))
+  p.add_argument('--config', required=True, help='an experiment file, e.g. experiments/cifar10.py')
+  p.add_argument('--data', required=True, help="an .npz, a class-per-folder tree, or 'digits'")
+  p.add_argument('--seeds', default='0', help='comma-separated config.seed values')
+  p.add_argument('--epochs', type=float, default=None, help='num_epochs (train, torch)')
+  p.add_argument('--steps', type=int, default=60, help='probe: steps to run at most')
+  p.add_argument('--every', type=int, default=0,
+                 help='probe: health every N steps (0: none, and stop once below chance)')
+  p.add_argument('--chance_fraction', type=float, default=0.9)
+  p.add_argument('--val_fraction', type=float, default=0.2)
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
+                 help='a config override, e.g. --set learning_rate=0.05 (repeatable)')
+  p.add_argument('--out', default=None, help='append the JSON lines to this file')
+  args = p.parse_args(argv)
+
+  from nin_jax import benchmark
+  benchmark.keep_freed_memory()  # as nin_jax.main does, before JAX's first computation
+  images, labels, class_names = load_images(args.data)
+  rows_train, rows_test = split(labels, args.val_fraction)
+  for seed in (int(s) for s in args.seeds.split(',')):
+    config = load_config(args.config, seed, args.set, args.epochs)
+    if args.mode == 'train':
+      result = run_trainer(config, resize(images, config.image_size, config.image_channels),
+                           labels, class_names, rows_train, rows_test)
+    else:
+      data = make_data(config, images, labels, class_names, rows_train, rows_test)
+      result = (probe(config, data, args.steps, args.every, args.chance_fraction)
+                if args.mode == 'probe' else run_torch(config, data, args.epochs or 10))
+    line = {'mode': args.mode, 'config': os.path.relpath(args.config, ROOT),
+            'data': os.path.basename(args.data), 'seed': seed, 'overrides': args.set,
+            'num_train': len(rows_train), 'num_test': len(rows_test), **result}
+    text = json.dumps(line)
+    print(text, flush=True)
+    if args.out:
+      with open(args.out, 'a') as f:
+        f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  main()
