@@ -8,6 +8,8 @@ r"""Does a recipe learn real images? Trains a config on real data at several see
       --data ../shared/data/cifar10_real_train3805.npz --epochs 10 --seeds 0,1,2
   # the first steps of a config as written (its whole schedule), with the health of every layer:
   python benchmarks/recipes.py probe --config experiments/mnist.py --data digits --steps 60
+  # the learning curves of those runs (train and torch lines), as docs/recipes_cifar_real.png:
+  python benchmarks/recipes.py plot --results runs.jsonl --png docs/recipes_cifar_real.png
 
 `--data` is an `.npz` with `images` uint8 (N, H, W, C), `labels` and `class_names`, a
 class-per-folder tree, or `digits` (scikit-learn's 1,797 real 8×8 handwritten digits). A
@@ -104,7 +106,7 @@ def split(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarr
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(held_out))
 
 
-def load_config(path: str, seed: int, overrides: list[str], epochs: float | None):
+def load_config(path: str, seed: int, overrides: list[str], epochs: int | None):
   spec = importlib.util.spec_from_file_location('experiment_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -113,7 +115,7 @@ def load_config(path: str, seed: int, overrides: list[str], epochs: float | None
     key, text = item.split('=', 1)
     try:
       value = json.loads(text)
-    except json.JSONDecodeError:  # a bare string: --set init=lsuv
+    except json.JSONDecodeError:  # a bare string: --set init=data
       value = text
     config[key] = tuple(value) if isinstance(config[key], (tuple, list)) else type(config[key])(
         value)
@@ -224,7 +226,7 @@ def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[
   losses, health, below = [], [], None
   start = time.time()
   for step in range(steps):
-    if step % every == 0:
+    if every and step % every == 0:
       h = jax.device_get(health_fn(state['params'], fixed['image'], fixed['label']))
       health.append({'step': step, **{k: np.round(np.asarray(v), 4).tolist()
                                       for k, v in h.items()}})
@@ -242,7 +244,7 @@ def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[
 
 # --- The PyTorch reference ------------------------------------------------------------------------
 
-def run_torch(config, data, epochs: float) -> dict[str, Any]:
+def run_torch(config, data, epochs: int) -> dict[str, Any]:
   import torch
   from benchmarks.compare_pytorch import torch_nin
   from nin_jax import models
@@ -275,7 +277,7 @@ def run_torch(config, data, epochs: float) -> dict[str, Any]:
     loss = loss_fn(net(to_torch(batch['image'])), torch.from_numpy(batch['label']).long())
     loss.backward()
     opt.step()
-    losses[step + 1] = round(float(loss), 4)
+    losses[step + 1] = round(loss.item(), 4)
     if (step + 1) % spe == 0 or step + 1 == total:
       net.eval()
       correct = count = 0
@@ -290,15 +292,42 @@ def run_torch(config, data, epochs: float) -> dict[str, Any]:
           'seconds': round(time.time() - start, 1)}
 
 
+# --- The learning-curve figure ---------------------------------------------------------------------
+
+def plot_curves(lines: list[dict[str, Any]], path: str, title: str) -> None:
+  """Held-out accuracy per epoch of every `train` and `torch` line, one colour per recipe."""
+  from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+  fig = Figure(figsize=(7, 4.2), dpi=120)
+  ax = fig.add_subplot()
+  colours = {}
+  for line in lines:
+    if line['mode'] not in ('train', 'torch'):
+      continue
+    label = (f"{line['config']} {' '.join(line['overrides'])}".strip()
+             if line['mode'] == 'train' else 'PyTorch reference (jiecaoyu recipe)')
+    colour = colours.setdefault(label, f'C{len(colours)}')
+    epochs = [float(e) for e in line['test_accuracy']]
+    ax.plot(epochs, [100 * a for a in line['test_accuracy'].values()], color=colour, marker='o',
+            markersize=3, label=label if label not in ax.get_legend_handles_labels()[1] else None)
+  ax.axhline(10, color='grey', linestyle=':', linewidth=1)
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('held-out accuracy (%)')
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
 # --- Command line ---------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('mode', choices=('train', 'probe', 'torch'))
-  p.add_argument('--config', required=True, help='an experiment file, e.g. experiments/cifar10.py')
-  p.add_argument('--data', required=True, help="an .npz, a class-per-folder tree, or 'digits'")
+  p.add_argument('mode', choices=('train', 'probe', 'torch', 'plot'))
+  p.add_argument('--config', help='an experiment file, e.g. experiments/cifar10.py')
+  p.add_argument('--data', help="an .npz, a class-per-folder tree, or 'digits'")
   p.add_argument('--seeds', default='0', help='comma-separated config.seed values')
-  p.add_argument('--epochs', type=float, default=None, help='num_epochs (train, torch)')
+  p.add_argument('--epochs', type=int, default=None, help='num_epochs (train, torch)')
   p.add_argument('--steps', type=int, default=60, help='probe: steps to run at most')
   p.add_argument('--every', type=int, default=0,
                  help='probe: health every N steps (0: none, and stop once below chance)')
@@ -307,7 +336,20 @@ def main(argv=None) -> None:
   p.add_argument('--set', action='append', default=[], metavar='FIELD=JSON',
                  help='a config override, e.g. --set learning_rate=0.05 (repeatable)')
   p.add_argument('--out', default=None, help='append the JSON lines to this file')
+  p.add_argument('--results', action='append', default=[],
+                 help='plot: a JSON-lines file of train/torch runs (repeatable)')
+  p.add_argument('--png', default='docs/recipes_cifar_real.png', help='plot: the figure to write')
+  p.add_argument('--title', default='Real CIFAR-10 subset: 3,042 train / 763 held out')
   args = p.parse_args(argv)
+  if args.mode == 'plot':
+    lines = []
+    for path in args.results:
+      with open(path) as f:
+        lines += [json.loads(l) for l in f if l.strip()]
+    plot_curves(lines, args.png, args.title)
+    return
+  if not args.config or not args.data:
+    p.error(f'{args.mode} needs --config and --data')
 
   from nin_jax import benchmark
   benchmark.keep_freed_memory()  # as nin_jax.main does, before JAX's first computation

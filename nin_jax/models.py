@@ -33,7 +33,7 @@ Initializer = Callable[..., jax.Array]
 
 CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid', 'fft')
 HEADS = ('gap', 'fc', 'fc_dropout')
-INITS = ('he', 'paper', 'lsuv')
+INITS = ('he', 'paper', 'data')
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -420,7 +420,7 @@ def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap
   Args:
     name: a key of `MODELS`.
     num_classes: C; the last cccp of a GAP net gets C maps.
-    init: 'he' (He normal weights), 'paper' (the authors' Gaussian stds) or 'lsuv' (He normal
+    init: 'he' (He normal weights), 'paper' (the authors' Gaussian stds) or 'data' (He normal
       weights that the trainer then rescales on a batch of training images: `init_from_data`).
     head: 'gap', 'fc' or 'fc_dropout'. With the fc heads, the last cccp keeps the width of the
       layer before it (192 for CIFAR) instead of C: our reading of the paper's Table 5.
@@ -456,57 +456,56 @@ def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap
 
 def init_from_data(model: NIN, params, images: jax.Array, *, class_map_std: float = 0.1,
                    class_map_mean: float = 3.0) -> Any:
-  """Data-dependent init (LSUV, Mishkin & Matas 2016, a reported fix for NINs stuck at chance):
-  fresh `params` rescaled so that every layer starts alive on real `images`.
+  """Data-dependent init (Krähenbühl et al. 2016; LSUV, Mishkin & Matas 2016, is its per-layer
+  form): fresh `params` rescaled so that every layer starts alive and centred on real `images`.
 
-  Every layer's kernel is scaled so that its pre-activation has unit standard deviation on
-  `images` (the class maps: each map's own, about its mean). With the biases still zero, ReLU, the pools and the global average are positively
-  homogeneous, so scaling layer l by s_l scales every later pre-activation by s_l too: one
-  forward pass gives every layer's std σ_l, and s_l = σ_{l-1} / σ_l.
+  Layer by layer, from the input up, each output channel's kernel and bias are set so that its
+  pre-activation has mean 0 and standard deviation 1 over `images` (the batch and every
+  position): half of every channel's ReLUs live, as batch normalization would have them at its
+  start, but with nothing added to the net. Per channel, not per layer: a layer-wide scale (LSUV)
+  leaves each channel's offset where the random kernel put it, and on real CIFAR images that net
+  took 75+ steps to leave chance where this one takes ~35 (docs/recipes.md). One forward pass per
+  layer: a layer's statistics depend on the layers below it, already set.
 
-  Then, for a 'gap' head with the ReLU on its class maps (the authors' nets), the class-map
-  layer is scaled to `class_map_std` instead and each map's bias is set so that its mean on
-  `images` is `class_map_mean`: 30 stds above zero, every class at the same logit. Why: with He
-  init each class map starts at its own offset (the kernel's sum times the mean of the ReLU
-  features before it), some below zero everywhere. Those get no gradient, the others are
-  pushed down toward them, and the net ends at the ReLU's zero: every logit 0, loss ln C, no
-  gradient. Unit-scale maps, even started level 3 stds up, were driven below zero within 30
-  steps on real CIFAR images; maps at 0.1 stayed alive (docs/recipes.md has the figures).
+  For a 'gap' head with the ReLU on its class maps (the authors' nets), the class-map layer is
+  set instead to `class_map_std` within each map and each map's mean to `class_map_mean`: far
+  above zero, every class at the same logit. Why: with He init each class map starts at its own
+  offset, some below zero everywhere. Those get no gradient, the others are pushed down toward
+  them, and the net ends at the ReLU's zero: every logit 0, loss ln C, no gradient. Unit-scale
+  maps, even started 3 stds up, were driven below zero within 30 steps on real CIFAR images (or
+  diverged); maps at 0.1 stayed alive (docs/recipes.md has the figures).
 
   Args:
-    model: the net; its dropout is off for this pass.
-    params: its parameters from `model.init` (biases zero).
+    model: the net; its dropout is off for these passes.
+    params: its parameters from `model.init`.
     images: float32 (N, H, W, C), preprocessed training images (a batch is enough).
     class_map_std: the class maps' spread within each map.
     class_map_mean: where every class map starts (its mean).
 
   Returns:
-    params of the same structure: the same weights scaled per layer, class-map biases set.
+    params of the same structure: every kernel scaled and every bias set per output channel.
   """
-  _, captured = model.apply({'params': params}, images.astype(jnp.float32), train=False,
-                            capture_intermediates=True, mutable=['intermediates'])
-  captured = captured['intermediates']
   layers = [(block, layer) for block in sorted(
       (k for k in params if k.startswith('mlpconv')), key=lambda k: int(k[7:]))
             for layer in sorted(params[block], key=lambda k: -1 if k == 'conv' else int(k[4:]))]
   if 'fc' in params:
     layers.append(('fc',))
   class_maps = layers[-1] if model.head == 'gap' and model.final_activation else None
-  previous, new = jnp.ones((), jnp.float32), jax.tree_util.tree_map(lambda x: x, params)
+  images = images.astype(jnp.float32)
+  new = jax.tree_util.tree_map(lambda x: x, params)
   for path in layers:
-    out, tree = captured, new
+    _, captured = model.apply({'params': new}, images, train=False,
+                              capture_intermediates=True, mutable=['intermediates'])
+    out, tree = captured['intermediates'], new
     for name in path:
       out, tree = out[name], tree[name]
     pre_activation = out['__call__'][0].astype(jnp.float32)
-    if path == class_maps:  # each map's own spread: its offset is what the bias replaces
-      std = jnp.sqrt(jnp.mean(jnp.var(pre_activation, axis=(0, 1, 2)))) / class_map_std
-    else:
-      std = jnp.std(pre_activation)
-    std = jnp.maximum(std, 1e-12)
-    tree['kernel'] = tree['kernel'] * (previous / std)
-    previous = std
-    if path == class_maps:
-      tree['bias'] = class_map_mean - jnp.mean(pre_activation / std, axis=(0, 1, 2))
+    axes = tuple(range(pre_activation.ndim - 1))
+    mean = jnp.mean(pre_activation, axis=axes)
+    std = jnp.maximum(jnp.std(pre_activation, axis=axes), 1e-12)
+    target_std, target_mean = (class_map_std, class_map_mean) if path == class_maps else (1., 0.)
+    tree['kernel'] = tree['kernel'] * (target_std / std)
+    tree['bias'] = (tree['bias'] - mean) * (target_std / std) + target_mean
   return new
 
 

@@ -131,7 +131,7 @@ def create_train_state(rng: jax.Array, init_images: jax.Array | None, *, model: 
                        image_shape: tuple[int, int, int]) -> State:
   """Fresh parameters and optimizer state. With `init_images` (float32 (N, H, W, C),
   preprocessed training images: `init_images`) the data-dependent init `models.init_from_data`
-  rescales the parameters (config.init='lsuv')."""
+  rescales the parameters (config.init='data')."""
   params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)['params']
   if init_images is not None:
     params = models.init_from_data(model, params, init_images)
@@ -140,9 +140,9 @@ def create_train_state(rng: jax.Array, init_images: jax.Array | None, *, model: 
 
 
 def init_images(config: ml_collections.ConfigDict, data) -> np.ndarray | None:
-  """The preprocessed training images that config.init='lsuv' fits the init on (None for the
+  """The preprocessed training images that config.init='data' fits the init on (None for the
   other inits): one batch drawn with the run's seed, the same on every process."""
-  if config.init != 'lsuv':
+  if config.init != 'data':
     return None
   n = min(config.batch_size, data.num_train_examples)
   rows = np.sort(np.random.default_rng([config.seed, 2]).choice(  # 2: not the data's streams
@@ -612,7 +612,7 @@ class DeadNetGuard:
             f'steps (to step {s}), loss {float(m["train_loss"]):.4f} (ln {self.num_classes} = '
             f'{math.log(self.num_classes):.4f}). Every class map is at or below zero under the '
             'final ReLU, so every logit is 0 and nothing can learn again; stopped. Start it '
-            "alive with init='lsuv', which starts every class map well above zero, or use a "
+            "alive with init='data', which starts every class map well above zero, or use a "
             'lower learning_rate or a longer warmup_fraction (docs/recipes.md)')
 
 

@@ -293,7 +293,7 @@ def _guard_steps(grad_norms):
     try:
       guard.update(step, {'train_loss': np.float32(math.log(10)), 'grad_norm': np.float32(g)})
     except train.DeadNet as e:
-      assert 'class map' in str(e) and "init='lsuv'" in str(e)
+      assert 'class map' in str(e) and "init='data'" in str(e)
       return step
   return None
 
@@ -345,8 +345,8 @@ def test_digits_through_the_folder_pipeline_reach_95_percent(digits_folder, tmp_
   assert results['test_accuracy'] >= 0.95, results
 
 
-def test_lsuv_init_runs_and_repeats_bit_for_bit(blobs_folder, tmp_path):
-  config = tiny_config(blobs_folder, init='lsuv')
+def test_data_init_runs_and_repeats_bit_for_bit(blobs_folder, tmp_path):
+  config = tiny_config(blobs_folder, init='data')
   train.train_and_evaluate(config, str(tmp_path / 'a'))
   train.train_and_evaluate(config, str(tmp_path / 'b'))
   loss = lambda run: [r['train_loss'] for r in read_metrics(tmp_path / run) if 'train_loss' in r]
