@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'nin_small'           # a name from nin_jax.models.MODELS
   config.head = 'gap'                  # 'gap' (the paper), 'fc' or 'fc_dropout' (Table 5)
   config.dropout_rate = 0.5            # after every mlpconv block but the last
-  config.init = 'he'                   # 'he' (robust) or 'paper' (the authors' Gaussian stds)
+  config.init = 'he'                   # 'he', 'paper' (the authors' stds) or 'data' (on images)
   config.dtype = 'float32'             # activations and matmuls; 'bfloat16' on accelerators
   config.conv_impl = 'auto'            # 'auto', 'xla', 'im2col', 'hybrid' or 'fft' (nin_jax.models)
 

@@ -360,7 +360,7 @@ class NIN(nn.Module):
 # uses 0.05 for every CIFAR-10 weight, and its CIFAR-100 definition changes conv1 to 0.001 and
 # cccp1/2 to 0.01 (applied below when num_classes == 100). The SVHN and MNIST definitions are
 # "coming soon" in the authors' folder and ImageNet's Caffe init is not in our sources: those get
-# 0.05 too, so use init='he' for them (their configs do).
+# 0.05 too; their configs use init='data' (MNIST, EMNIST) or init='he' (SVHN, ImageNet).
 
 _CIFAR = dict(kernel_sizes=(5, 5, 3), strides=(1, 1, 1), paddings=(2, 2, 1),
               widths=((192, 160, 96), (192, 192, 192), (192, 192, None)),

@@ -624,7 +624,7 @@ def warn_if_at_chance(train_loss: float, num_classes: int, step: int) -> bool:
         'Training loss %.4f at step %d is still ln(%d) = %.4f: the net predicts chance. Likely '
         'causes: a dead final ReLU before global average pooling (all class maps zero), a '
         'learning rate too high for this init (try a lower learning_rate or warmup), or an init '
-        "too small to move (init='paper'; try init='he').", train_loss, step, num_classes,
+        "too small to move (init='paper'; try init='data').", train_loss, step, num_classes,
         chance)
     return True
   return False
