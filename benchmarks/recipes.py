@@ -167,19 +167,12 @@ def run_trainer(config, images, labels, class_names, rows_train, rows_test) -> d
 
 # --- The first steps, with every layer's health ---------------------------------------------------
 
-def layer_names(params) -> list[tuple[str, ...]]:
-  blocks = sorted((k for k in params if k.startswith('mlpconv')), key=lambda k: int(k[7:]))
-  names = [(b, l) for b in blocks
-           for l in sorted(params[b], key=lambda k: -1 if k == 'conv' else int(k[4:]))]
-  return names + ([('fc',)] if 'fc' in params else [])
-
-
 def make_health_fn(model):
   """fn(params, images, labels) -> per-layer live ReLU share and gradient norm, the class
   maps' range and the logit scale, on one batch with dropout off."""
   import jax
   import jax.numpy as jnp
-  from nin_jax import train
+  from nin_jax import models, train
 
   def health(params, images, labels):
     def loss_fn(p):
@@ -187,15 +180,15 @@ def make_health_fn(model):
                                      capture_intermediates=True, mutable=['intermediates'])
       return train.cross_entropy(logits, labels).mean(), (logits, captured['intermediates'])
     (loss, (logits, captured)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    live, grad_norms = [], []
-    for path in layer_names(params):
+    live, grad_norms, paths = [], [], models.layer_paths(params)
+    for path in paths:
       out, g = captured, grads
       for name in path:
         out, g = out[name], g[name]
       live.append(jnp.mean(out['__call__'][0] > 0))
       grad_norms.append(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(g))))
-    maps = captured[layer_names(params)[-1][0]][layer_names(params)[-1][1]]['__call__'][0] \
-        if model.head == 'gap' else logits[:, None, None, :]
+    maps = (captured[paths[-1][0]][paths[-1][1]]['__call__'][0] if model.head == 'gap'
+            else logits[:, None, None, :])
     alive_classes = jnp.mean(jnp.any(maps > 0, axis=(0, 1, 2)))
     return {'loss': loss, 'live_relu': jnp.stack(live), 'grad_norm': jnp.stack(grad_norms),
             'class_map_min': jnp.min(maps), 'class_map_max': jnp.max(maps),
@@ -238,7 +231,7 @@ def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[
         break
   return {'steps_run': len(losses), 'first_step_below': below, 'threshold': round(threshold, 4),
           'num_steps_of_config': num_steps, 'losses': [round(x, 4) for x in losses],
-          'layers': ['/'.join(p) for p in layer_names(state['params'])], 'health': health,
+          'layers': ['/'.join(p) for p in models.layer_paths(state['params'])], 'health': health,
           'seconds': round(time.time() - start, 1)}
 
 
@@ -292,7 +285,7 @@ def run_torch(config, data, epochs: int) -> dict[str, Any]:
           'seconds': round(time.time() - start, 1)}
 
 
-# --- The learning-curve figure ---------------------------------------------------------------------
+# --- The learning-curve figure ----------------------------------------------------------------
 
 def plot_curves(lines: list[dict[str, Any]], path: str, title: str) -> None:
   """Held-out accuracy per epoch of every `train` and `torch` line, one colour per recipe."""
