@@ -146,10 +146,10 @@ def check_same_function(model_name: str = 'nin_cifar', num_classes: int = 10,
 
 def _torch_worker(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
-  from nin_jax import benchmark, models  # pylint: disable=g-import-not-at-top
+  from nin_jax import benchmark, models, runtime  # pylint: disable=g-import-not-at-top
 
   if args.torch_malloc == 'tuned':  # the same process setting as our entry points
-    benchmark.keep_freed_memory()
+    runtime.keep_freed_memory()
   torch.set_num_threads(args.threads)
   size, channels = benchmark.default_input(args.model)
   model = models.get_model(args.model, args.num_classes)
@@ -199,9 +199,9 @@ def _torch_worker(args) -> None:
 
 def _jax_worker(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from nin_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from nin_jax import benchmark, runtime  # pylint: disable=g-import-not-at-top
 
-  tuned = benchmark.keep_freed_memory()  # as `python -m nin_jax.benchmark` does
+  tuned = runtime.keep_freed_memory()  # as `python -m nin_jax.benchmark` does
   bench = benchmark.build_benchmark(args.mode, args.model, batch_size=args.batch_size,
                                     num_classes=args.num_classes, conv_impl=args.jax_impl)
   start = time.perf_counter()
@@ -333,7 +333,7 @@ def parse_args(argv=None):
   p.add_argument('--channels_last', action='store_true', help='PyTorch in NHWC memory format')
   p.add_argument('--torch_tuned', action='store_true',
                  help='also time PyTorch with the malloc setting of our entry points '
-                      '(nin_jax.benchmark.keep_freed_memory)')
+                      '(nin_jax.runtime.keep_freed_memory)')
   p.add_argument('--torch_malloc', choices=('default', 'tuned'), default='default',
                  help=argparse.SUPPRESS)
   p.add_argument('--check', action=argparse.BooleanOptionalAction, default=True,

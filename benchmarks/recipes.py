@@ -69,12 +69,12 @@ def load_images(source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         images = images[..., None]
       return (images.astype(np.uint8), f['labels'].astype(np.int32),
               [str(c) for c in f['class_names']])
-  from nin_jax import preprocessing
+  from nin_jax import datasets
   classes = sorted(c for c in os.listdir(source) if not c.startswith('.'))
   images, labels = [], []
   for label, name in enumerate(classes):
     for file in sorted(os.listdir(os.path.join(source, name))):
-      images.append(preprocessing.load_image(os.path.join(source, name, file), 32, 3))
+      images.append(datasets.load_image(os.path.join(source, name, file), 32, 3))
       labels.append(label)
   return np.stack(images), np.asarray(labels, np.int32), classes
 
@@ -344,8 +344,8 @@ def main(argv=None) -> None:
   if not args.config or not args.data:
     p.error(f'{args.mode} needs --config and --data')
 
-  from nin_jax import benchmark
-  benchmark.keep_freed_memory()  # as nin_jax.main does, before JAX's first computation
+  from nin_jax import runtime
+  runtime.keep_freed_memory()  # as nin_jax.main does, before JAX's first computation
   images, labels, class_names = load_images(args.data)
   rows_train, rows_test = split(labels, args.val_fraction)
   for seed in (int(s) for s in args.seeds.split(',')):

@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dropout_rate = 0.5            # after every mlpconv block but the last
   config.init = 'he'                   # 'he', 'paper' (the authors' stds) or 'data' (on images)
   config.dtype = 'float32'             # activations and matmuls; 'bfloat16' on accelerators
-  config.conv_impl = 'auto'            # 'auto', 'xla', 'im2col', 'hybrid' or 'fft' (nin_jax.models)
+  config.conv_impl = 'auto'            # 'auto', 'xla', 'im2col', 'hybrid' or 'fft' (nin_jax.convs)
 
   # --- Optimization -----------------------------------------------------------------------------
   config.batch_size = 128              # global batch, over all devices of all processes

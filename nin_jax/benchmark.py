@@ -1,61 +1,78 @@
-r"""How fast a net trains and infers here: images per second of the jitted steps on random data.
+r"""How fast a net trains and infers here: images per second of training's own jitted steps.
 
   python -m nin_jax.benchmark train --model nin_cifar --batch_size 128 --steps 10
   python -m nin_jax.benchmark eval --model nin_cifar --batch_size 128 --steps 10
   python -m nin_jax.benchmark train --model nin_cifar --batch_size 1024 --dtype bfloat16
   python -m nin_jax.benchmark input --config experiments/cifar10_aug.py --mock
 
-`train` times the whole update (forward, backward, SGD with momentum 0.9, softmax cross-entropy,
-dropout on), `eval` the forward pass of inference (dropout off); both after compiling and one
-warm-up step, on random images that already live on the devices, so the number is the model's
-alone. `train --input=host|device` feeds every step its own batch through one of training's
-input paths instead (the host pipeline, or the dataset held on the devices;
-nin_jax.device_input). The batch is the global batch, split over all local devices (a 1-D
-'data' mesh, as in training). `input` times the input pipeline alone
+`train` times training's update step, `eval` its evaluation step: `train.train_step` and
+`train.eval_step`, bound to the optimizer of the default config (experiments/default.py: SGD
+with momentum, weight decay on weights, the authors' per-layer rates, the guard that keeps the
+last good parameters on a non-finite step; dropout on) and jitted over training's mesh by the
+same code as training (`train.step_functions`, `parallel.jit_steps`), so its figures are
+training's. Both run after compiling and one warm-up step, on random images that already live
+on the devices, so the number is the model's alone. `train --input=host|device` feeds every step
+its own batch through one of training's input paths instead (the host pipeline, or the dataset
+held on the devices; nin_jax.device_input). The batch is the global batch, split over all
+devices (a 1-D 'data' mesh). `input` times the input pipeline alone
 (`nin_jax.input_pipeline.benchmark`).
 
 The last line printed is one JSON object: images_per_sec and step_ms (of the median step; also
 step_ms_mean), compile_seconds, gflops_per_sec (model FLOPs: 2 × multiply-accumulates × 3 for a
 training step, × 1 for a forward pass; pools, ReLUs and the optimizer not counted), peak_rss_mb,
 backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, input,
-steps, and malloc_tuned (see `keep_freed_memory`). Nothing here imports TensorFlow: the accelerator
-machines have none. docs/benchmarks.md has the figures and benchmarks/ the comparison with PyTorch.
+steps, and malloc_tuned (see `runtime.keep_freed_memory`). Nothing here imports TensorFlow, and
+`train`/`eval` need no ml_collections: the accelerator machines have neither. docs/benchmarks.md
+has the figures and benchmarks/ the comparison with PyTorch.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import resource
 import statistics
 import sys
 import time
+import types
 from typing import Any, Callable
+from unittest import mock as _mock
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import optax
-try:  # only `input` reads a config; the accelerator machines may lack ml_collections
+import numpy as np
+try:  # only `input` reads a config file; the accelerator machines may lack ml_collections
   from ml_collections import config_flags
 except ImportError:
   config_flags = None
 
+from nin_jax import convs
 from nin_jax import models
+from nin_jax import parallel
+from nin_jax import runtime
+from nin_jax import train
 from nin_jax.errors import UserError
 
 MODES = ('train', 'eval', 'input')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+INPUTS = ('none', 'host', 'device')
 # Inputs the zoo's nets were made for: (image_size, image_channels).
 DEFAULT_INPUTS = {
     'nin_cifar': (32, 3), 'nin_cifar_caffe': (32, 3), 'nin_svhn': (32, 3),
     'nin_mnist': (28, 1), 'nin_small': (28, 1), 'nin_imagenet': (224, 3),
 }
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'experiments', 'default.py')
+# What the benchmark changes in the default config besides the net, batch and dtype: the input
+# paths time the CIFAR-10 augmentation recipe, and the schedule spans a benchmark-sized run (it
+# sets the rates, not the speed).
+BENCHMARK_FIELDS = dict(preprocess='standardize', augment='translate_flip', translate_pixels=4,
+                        num_train_steps=100)
 
 
 def default_input(model_name: str) -> tuple[int, int]:
@@ -66,37 +83,53 @@ def default_input(model_name: str) -> tuple[int, int]:
   return DEFAULT_INPUTS.get(model_name, (32, 3))
 
 
-# Packages that give JAX an accelerator; with none of them installed the backend is the CPU.
-_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin', 'libtpu')
+class _ConfigDict(dict):
+  """Stands in for ml_collections.ConfigDict where that is not installed (the accelerator
+  machines): the default config only sets fields, and training only reads them."""
+
+  def __getattr__(self, key):
+    try:
+      return self[key]
+    except KeyError:
+      raise AttributeError(key) from None
+
+  def __setattr__(self, key, value):
+    self[key] = value
 
 
-def keep_freed_memory() -> bool:
-  """On a CPU-only Linux host, makes glibc's malloc keep and reuse the memory XLA frees.
-
-  Why: XLA's CPU runtime allocates each step's temporaries as one block (about 1.2 GB for
-  nin_cifar at batch 128), which glibc serves with a fresh mmap and gives back with munmap, so
-  every step pays again for page faults and for zeroing the pages (a fifth of the CPU time in
-  `perf` here; docs/benchmarks.md). With one malloc arena, no mmap and no trimming the memory is
-  reused instead. The cost: the process keeps its peak memory, and fragmentation lets the heap
-  grow for the first few steps (nin_cifar at batch 128: 1.7 GB, then 6.5 GB after ~8 steps).
-  Must run before JAX's first computation (XLA's threads pick their arena on first use); call
-  it from entry points only, never on import. Returns whether the setting was applied.
-  """
-  if sys.platform != 'linux':
-    return False
-  platforms = os.environ.get('JAX_PLATFORMS', '')
-  cpu_only = (platforms.split(',')[0] == 'cpu' if platforms else
-              not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS))
-  if not cpu_only:
-    return False
+def default_config():
+  """experiments/default.py's config: every field of a run, with its default."""
+  if not os.path.isfile(DEFAULT_CONFIG):
+    raise UserError(f'{DEFAULT_CONFIG} not found: run the benchmark from the repository')
+  spec = importlib.util.spec_from_file_location('_nin_jax_default_config', DEFAULT_CONFIG)
+  module = importlib.util.module_from_spec(spec)
   try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):  # not glibc (e.g. musl)
-    return False
-  m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
-  return all(mallopt(option, value) == 1 for option, value in (
-      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1), (m_top_pad, 0)))
+    import ml_collections  # pylint: disable=g-import-not-at-top,unused-import
+    spec.loader.exec_module(module)
+  except ImportError:
+    stand_in = types.ModuleType('ml_collections')
+    stand_in.ConfigDict = _ConfigDict
+    with _mock.patch.dict(sys.modules, {'ml_collections': stand_in}):
+      spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def benchmark_config(model_name: str, *, batch_size: int, dtype: str, num_classes: int,
+                     image_size: int, image_channels: int, conv_impl: str, seed: int,
+                     **fields: Any):
+  """The config the benchmark's steps are built from: the default config with
+  `BENCHMARK_FIELDS`, then `fields` (any other field, e.g. weight_decay), then the named net,
+  batch (for evaluation too), dtype and input shape."""
+  config = default_config()
+  settings = {**BENCHMARK_FIELDS, **fields, 'model': model_name, 'batch_size': batch_size,
+              'eval_batch_size': batch_size, 'dtype': dtype, 'num_classes': num_classes,
+              'image_size': image_size, 'image_channels': image_channels,
+              'conv_impl': conv_impl, 'seed': seed}
+  for key, value in settings.items():
+    if key not in config:
+      raise UserError(f'the config has no field {key!r}; the fields are in {DEFAULT_CONFIG}')
+    setattr(config, key, value)
+  return config
 
 
 def peak_rss_mb() -> float:
@@ -105,46 +138,11 @@ def peak_rss_mb() -> float:
   return peak / (2**20 if sys.platform == 'darwin' else 2**10)
 
 
-def step_flops(model: models.NIN, image_size: int, image_channels: int, train: bool) -> int:
+def step_flops(model: models.NIN, image_size: int, image_channels: int,
+               train: bool) -> int:  # pylint: disable=redefined-outer-name
   """Model FLOPs of one image: 2 per multiply-accumulate; a training step counts the forward
   and the two halves of the backward pass (gradients of activations and of weights) alike."""
   return 2 * models.multiply_accumulates(model, image_size, image_channels) * (3 if train else 1)
-
-
-def data_mesh() -> jax.sharding.Mesh:
-  """All devices in one 'data' axis: the batch is split over them, parameters replicated.
-
-  Auto axes (XLA propagates the shardings): with explicit ones every gradient contraction over
-  the sharded batch would need its output sharding spelled out in the model.
-  """
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def make_train_step(model: models.NIN, learning_rate: float = 0.01, momentum: float = 0.9
-                    ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
-  """The optimizer and an (unjitted) training step of the benchmark.
-
-  `train_step(params, opt_state, images, labels, rng) -> (params, opt_state, loss)`: images
-  (N, H, W, C) float32, labels (N,) int32, rng a key for dropout; loss a float32 scalar.
-  """
-  tx = optax.sgd(learning_rate, momentum=momentum)
-
-  def train_step(params, opt_state, images, labels, rng):
-    def loss_fn(params):
-      logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return tx, train_step
-
-
-def make_eval_step(model: models.NIN) -> Callable[..., jax.Array]:
-  """`eval_step(params, images) -> logits (N, num_classes) float32`, dropout off."""
-  return lambda params, images: model.apply({'params': params}, images, train=False)
 
 
 def _timed_runs(run: Callable[[], Any], steps: int) -> list[float]:
@@ -159,9 +157,10 @@ def _timed_runs(run: Callable[[], Any], steps: int) -> list[float]:
 
 @dataclasses.dataclass
 class Benchmark:
-  """A compiled step on device-resident random data: `run()` does one step (returns an array
-  to wait for). `info` holds the fixed fields of the JSON line; `flops` one step's model FLOPs."""
-  run: Callable[[], jax.Array]
+  """A compiled step on device-resident data: `run()` does one step and returns what to wait
+  for (a training step: its loss). `info` holds the fixed fields of the JSON line; `flops` one
+  step's model FLOPs."""
+  run: Callable[[], Any]
   info: dict[str, Any]
   flops: int
 
@@ -169,42 +168,36 @@ class Benchmark:
     return _timed_runs(self.run, steps)
 
 
-INPUTS = ('none', 'host', 'device')
-
-
-def random_data(batch_size: int, image_shape: tuple[int, int, int], num_classes: int,
-                num_images: int, seed: int):
-  """An `input_pipeline.Data` of random uint8 images with the CIFAR-10 augmentation recipe
-  (standardize, translate_flip by up to 4 pixels), for timing the input paths."""
-  import types  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from nin_jax import input_pipeline  # pylint: disable=g-import-not-at-top  # numpy only
-  rng = np.random.default_rng(seed)
-  config = types.SimpleNamespace(  # the fields data_from_arrays reads
-      preprocess='standardize', augment='translate_flip', translate_pixels=4,
-      batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+def random_data(config, image_shape: tuple[int, int, int], num_images: int):
+  """An `input_pipeline.Data` of `num_images` random uint8 training images (and one batch of
+  test images) with the config's preprocessing and augmentation, for timing the input paths."""
+  # pylint: disable-next=g-import-not-at-top  # it imports TensorFlow only when loading TFDS
+  from nin_jax import input_pipeline
+  rng = np.random.default_rng(config.seed)
   images = lambda n: rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
-  labels = lambda n: rng.integers(0, num_classes, n)
+  labels = lambda n: rng.integers(0, config.num_classes, n)
   return input_pipeline.data_from_arrays(
       config, train_images=images(num_images), train_labels=labels(num_images),
-      test_images=images(batch_size), test_labels=labels(batch_size),
-      class_names=[str(c) for c in range(num_classes)])
+      test_images=images(config.batch_size), test_labels=labels(config.batch_size),
+      class_names=[str(c) for c in range(config.num_classes)])
 
 
 def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str = 'float32',
                     num_classes: int = 10, image_size: int | None = None,
                     image_channels: int | None = None, conv_impl: str = 'auto', seed: int = 0,
                     input: str = 'none',  # pylint: disable=redefined-builtin
-                    num_images: int = 10_000,
+                    num_images: int = 10_000, config_overrides: dict[str, Any] | None = None,
                     **model_overrides: Any) -> Benchmark:
-  """Compiles one training step ('train') or forward pass ('eval') of the named net.
+  """Compiles training's update step ('train') or evaluation step ('eval') for the named net.
 
-  `model_overrides` go to `models.get_model` (tests use them for tiny nets). With input='none'
-  the images are normal noise, float32 NHWC, `batch_size` of them split over all devices and
-  reused every step: the model's speed alone. A training step can also take each step's batch
-  from an input path of training, over `num_images` random uint8 images (`random_data`):
-  'host' (numpy batches transferred by `train.prefetch_to_mesh`) or 'device' (the dataset on
-  the devices, gathered and augmented inside the step by `nin_jax.device_input`).
+  The steps are built from `benchmark_config` (`config_overrides`: any other config field, e.g.
+  weight_decay or lr_multipliers); `model_overrides` go to `models.get_model` (tests use them
+  for tiny nets). With input='none' the images are normal noise, float32 NHWC, `batch_size` of
+  them split over all devices and reused every step: the model's speed alone. A training step
+  can also take each step's batch from an input path of training, over `num_images` random
+  uint8 images (`random_data`): 'host' (numpy batches transferred by
+  `parallel.prefetch_to_mesh`) or 'device' (the dataset on the devices, gathered and augmented
+  inside the step by `nin_jax.device_input`).
   """
   if input not in INPUTS:
     raise UserError(f'--input={input!r}: expected one of {INPUTS}')
@@ -212,92 +205,74 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
     raise UserError(f'--input={input}: input paths are timed with train steps only')
   if mode not in ('train', 'eval'):
     raise UserError(f'mode {mode!r}: expected train or eval')
-  if dtype not in DTYPES:
-    raise UserError(f'--dtype={dtype!r}: expected one of {sorted(DTYPES)}')
+  if dtype not in models.DTYPES:
+    raise UserError(f'--dtype={dtype!r}: expected one of {sorted(models.DTYPES)}')
   default_size, default_channels = default_input(model_name)
-  image_size = image_size or default_size
-  image_channels = image_channels or default_channels
-  mesh = data_mesh()
+  image_shape = (image_size or default_size, image_size or default_size,
+                 image_channels or default_channels)
+  mesh = parallel.create_mesh()
   if batch_size < 1 or batch_size % mesh.size:
     raise UserError(f'--batch_size={batch_size}: must be a positive multiple of the '
                     f'{mesh.size} devices')
-  impl = models.resolve_conv_impl(conv_impl)
-  model = models.get_model(model_name, num_classes, dtype=DTYPES[dtype], conv_impl=conv_impl,
-                           **model_overrides)
-  train = mode == 'train'
+  impl = convs.resolve_conv_impl(conv_impl)
+  config = benchmark_config(model_name, batch_size=batch_size, dtype=dtype,
+                            num_classes=num_classes, image_size=image_shape[0],
+                            image_channels=image_shape[2], conv_impl=conv_impl, seed=seed,
+                            **(config_overrides or {}))
+  model = models.model_from_config(config, **model_overrides)
+  steps_per_epoch = max(1, num_images // batch_size)  # for the 'plateau' schedule only
+  functions = train.step_functions(config, model, image_shape, steps_per_epoch,
+                                   train.total_steps(config, steps_per_epoch))
+  data = random_data(config, image_shape, num_images) if input != 'none' else None
+  steps = parallel.jit_steps(mesh, *functions, device_data=data if input == 'device' else None)
+  _, batch_sharded = parallel.shardings(mesh)
 
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  init_rng, data_rng, dropout_rng = jax.random.split(jax.random.key(seed), 3)
-  images_shape = (batch_size, image_size, image_size, image_channels)
-  images = jax.device_put(jax.random.normal(data_rng, images_shape, jnp.float32), batch_sharded)
-  labels = jax.device_put(
-      jax.random.randint(data_rng, (batch_size,), 0, num_classes, jnp.int32), batch_sharded)
-  params = jax.jit(lambda rng: model.init(rng, images[:1], train=False)['params'],
-                   out_shardings=replicated)(init_rng)
+  init_rng, data_rng = jax.random.split(jax.random.key(seed))
+  state = steps.init(init_rng, None)
+  batch = {
+      'image': jax.random.normal(data_rng, (batch_size, *image_shape), jnp.float32),
+      'label': jax.random.randint(data_rng, (batch_size,), 0, num_classes, jnp.int32),
+  }
+  if mode == 'eval':
+    batch['mask'] = jnp.ones((batch_size,), bool)
+  batch = jax.device_put(batch, batch_sharded)
+  next_inputs = lambda: batch
+  if input == 'host':
+    batches = parallel.prefetch_to_mesh(data.train_batches(), batch_sharded)
+    next_inputs = lambda: next(batches)
+  elif input == 'device':  # the host sends only each batch's draws
+    draws = parallel.prefetch_to_mesh(map(data.train_draws, itertools.count()), batch_sharded)
+    next_inputs = lambda: next(draws)
 
-  if train:
-    tx, train_step = make_train_step(model)
-    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-    step_fn, next_inputs = train_step, lambda: (images, labels)
-    if input != 'none':
-      step_fn, next_inputs = _input_path(input, train_step, mesh, batch_size, images.shape[1:],
-                                         num_classes, num_images, seed)
-    start = time.perf_counter()
-    # Parameters and optimizer state are updated in place (donated), as in training.
-    compiled = jax.jit(step_fn, donate_argnums=(0, 1)).lower(
-        params, opt_state, *next_inputs(), dropout_rng).compile()
-  else:
-    start = time.perf_counter()
-    compiled = jax.jit(make_eval_step(model)).lower(params, images).compile()
-  compile_seconds = time.perf_counter() - start
-
-  if train:
-    state = {'params': params, 'opt_state': opt_state, 'rng': dropout_rng}
+  start = time.perf_counter()
+  if mode == 'train':
+    # The train state is updated in place (donated), as in training.
+    compiled = steps.update.lower(state, next_inputs(), *steps.extra).compile()
+    holder = {'state': state}
 
     def run():
-      state['rng'], step_rng = jax.random.split(state['rng'])
-      state['params'], state['opt_state'], loss = compiled(
-          state['params'], state['opt_state'], *next_inputs(), step_rng)
-      return loss
+      holder['state'], metrics = compiled(holder['state'], next_inputs(), *steps.extra)
+      return metrics['train_loss']
   else:
-    run = functools.partial(compiled, params, images)
+    compiled = steps.evaluate.lower(state['params'], batch, *steps.extra).compile()
+    run = functools.partial(compiled, state['params'], batch, *steps.extra)
+  compile_seconds = time.perf_counter() - start
 
   info = {
       'mode': mode, 'model': model_name, 'batch_size': batch_size, 'dtype': dtype,
-      'conv_impl': impl, 'image_shape': [image_size, image_size, image_channels],
-      'input': input,
+      'conv_impl': impl, 'image_shape': list(image_shape), 'input': input,
       'compile_seconds': round(compile_seconds, 2),
       'backend': jax.default_backend(), 'device_count': jax.device_count(),
   }
-  flops = step_flops(model, image_size, image_channels, train) * batch_size
+  flops = step_flops(model, image_shape[0], image_shape[2], mode == 'train') * batch_size
   return Benchmark(run, info, flops)
 
 
-def _input_path(input, train_step, mesh, batch_size, image_shape, num_classes, num_images,
-                seed):  # pylint: disable=redefined-builtin
-  """(step, next_inputs) of the 'host' or 'device' input path (see build_benchmark): `step`
-  takes (params, opt_state, *next_inputs(), rng), as `train_step` takes (..., images, labels,
-  rng)."""
-  import itertools  # pylint: disable=g-import-not-at-top
-  from nin_jax import device_input  # pylint: disable=g-import-not-at-top
-  from nin_jax import train  # pylint: disable=g-import-not-at-top  # no TensorFlow at import
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  data = random_data(batch_size, tuple(image_shape), num_classes, num_images, seed)
-  if input == 'host':
-    batches = train.prefetch_to_mesh(data.train_batches(), batch_sharded)
-    return train_step, lambda: tuple(next(batches).values())  # (image, label)
-  arrays = device_input.put_on_devices(data, replicated)
-  make_batch, _ = device_input.batch_makers(data)
-
-  def step(params, opt_state, draws, arrays, rng):
-    batch = make_batch(arrays, draws)
-    return train_step(params, opt_state, batch['image'], batch['label'], rng)
-
-  draws = train.prefetch_to_mesh(map(data.train_draws, itertools.count()), batch_sharded)
-  # The dataset is an argument, never a constant folded into the program.
-  return step, lambda: (next(draws), arrays)
+def train_losses(model_name: str, *, batch_size: int, steps: int, **kwargs: Any) -> list[float]:
+  """The loss of each of `steps` benchmark training steps in turn (`kwargs`: those of
+  `build_benchmark`): what a change to the config does to the timed step."""
+  bench = build_benchmark('train', model_name, batch_size=batch_size, **kwargs)
+  return [float(bench.run()) for _ in range(steps)]
 
 
 def summarize(bench: Benchmark, times: list[float]) -> dict[str, Any]:
@@ -337,11 +312,12 @@ def define_flags() -> None:
   flags.DEFINE_string('model', 'nin_cifar', 'A net of nin_jax.models.MODELS.')
   flags.DEFINE_integer('batch_size', 128, 'Global batch, split over all devices.')
   flags.DEFINE_integer('steps', 10, 'Timed steps, after compiling and one warm-up step.')
-  flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Activations and matmuls; params stay f32.')
+  flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES),
+                    'Activations and matmuls; params stay f32.')
   flags.DEFINE_integer('num_classes', 10, 'Classes (maps of the last cccp).')
   flags.DEFINE_integer('image_size', None, 'Default: what the model is made for.')
   flags.DEFINE_integer('image_channels', None, 'Default: what the model is made for.')
-  flags.DEFINE_string('conv_impl', 'auto', 'auto, xla, im2col, hybrid or fft: see nin_jax.models.')
+  flags.DEFINE_string('conv_impl', 'auto', 'auto, xla, im2col, hybrid or fft: see nin_jax.convs.')
   flags.DEFINE_enum('input', 'none', list(INPUTS), 'train: where each step\'s batch comes from: '
                     'none (one random batch already on the devices), host or device (the input '
                     'paths of training, over --num_images random images).')
@@ -354,7 +330,7 @@ def define_flags() -> None:
     flags.DEFINE_string('config', None, 'input: needs ml_collections (pip install ml-collections).')
   flags.DEFINE_bool('mock', False, 'input: TFDS mock data instead of the real dataset.')
   flags.DEFINE_bool('keep_freed_memory', True, 'CPU: let malloc reuse freed memory (see '
-                    'keep_freed_memory); --nokeep_freed_memory measures without it.')
+                    'runtime.keep_freed_memory); --nokeep_freed_memory measures without it.')
 
 
 def _input_benchmark(config, mock: bool) -> dict[str, Any]:
@@ -370,8 +346,9 @@ def _input_benchmark(config, mock: bool) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in MODES:
     raise app.UsageError(f'usage: python -m nin_jax.benchmark {{{"|".join(MODES)}}} [--flags]')
-  # Before the first computation; see keep_freed_memory. The input pipeline is TensorFlow's.
-  cpu_tuned = argv[1] != 'input' and FLAGS.keep_freed_memory and keep_freed_memory()
+  # Before the first computation; see runtime.keep_freed_memory. The input pipeline is
+  # TensorFlow's.
+  cpu_tuned = argv[1] != 'input' and FLAGS.keep_freed_memory and runtime.keep_freed_memory()
   try:
     if argv[1] == 'input':
       result = _input_benchmark(FLAGS.config, FLAGS.mock)

@@ -3,11 +3,11 @@
 For the datasets that fit in accelerator memory (CIFAR-10/100: 150 MiB of uint8, MNIST: 45 MiB,
 SVHN with extra: 1.8 GiB) the host sends each step only what its batch is made of: the row
 numbers and augmentation draws of `Data.train_draws(step)`, a few bytes per image. Gathering the
-rows, preprocessing them (`preprocess`, the jnp twin of `preprocessing.Preprocessor`) and
-translating/flipping them (`translate_and_flip`) all run on the devices, inside the jitted step.
-The draws are the host pipeline's, so both paths give the same batches (to float rounding of
-the preprocessing): same shuffling, same augmentation, same resumption, same split of every
-global batch over processes and devices (tests/device_input_test.py).
+rows, preprocessing them (the jnp twins in `nin_jax.preprocessing`) and translating/flipping
+them (`nin_jax.augment`) all run on the devices, inside the jitted step. The draws are the host
+pipeline's, so both paths give the same batches (to float rounding of the preprocessing): same
+shuffling, same augmentation, same resumption, same split of every global batch over processes
+and devices (tests/device_input_test.py).
 
 Selected by `config.input_pipeline` ('auto', 'host', 'device'; `choose_pipeline`).
 
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nin_jax import augment as augment_lib  # `augment` is the setting's name here
 from nin_jax import preprocessing
 from nin_jax.errors import UserError
 
@@ -34,15 +35,12 @@ INPUT_PIPELINES = ('auto', 'host', 'device')
 # 'auto' keeps a dataset on the devices when it needs at most this share of one device's memory
 # (the rest is for the model, its activations and XLA's workspace).
 AUTO_MAX_MEMORY_FRACTION = 0.25
-# The largest matrix products of the preprocessing (ZCA: 3072×3072) in full float32, as on the
-# host: accelerators otherwise run float32 products in TF32/bfloat16 passes.
-_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def dataset_bytes(data) -> int:
   """Bytes the device path keeps on each device: both uint8 splits, labels, statistics."""
   arrays = [data.train_images_uint8, data.train_labels, data.test_images_uint8, data.test_labels]
-  arrays += list(statistics(data.preprocessor).values())
+  arrays += list(data.preprocessor.statistics().values())
   return sum(int(a.nbytes) for a in arrays)
 
 
@@ -85,12 +83,6 @@ def choose_pipeline(setting: str, data) -> str:
   return 'device'
 
 
-def statistics(preprocessor: preprocessing.Preprocessor) -> dict[str, np.ndarray]:
-  """The fitted arrays of a Preprocessor (mean, std, whitening: those it has)."""
-  return {name: getattr(preprocessor, name) for name in ('mean', 'std', 'whitening')
-          if getattr(preprocessor, name) is not None}
-
-
 def put_on_devices(data, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   """The uint8 splits, labels and preprocessing statistics of `data`, placed with `sharding`
   (replicated: every device gathers its rows of a batch locally, with no communication).
@@ -105,77 +97,12 @@ def put_on_devices(data, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   arrays = {
       'train_images': data.train_images_uint8, 'train_labels': data.train_labels,
       'test_images': data.test_images_uint8, 'test_labels': data.test_labels,
-      'statistics': statistics(data.preprocessor),
+      'statistics': data.preprocessor.statistics(),
   }
   return jax.tree_util.tree_map(put, arrays)
 
 
-# --- The preprocessing, in jnp ------------------------------------------------------------------
-# Each function mirrors its numpy original in nin_jax.preprocessing operation for operation.
-
-
-def _global_contrast_normalize(images: jax.Array, scale: float) -> jax.Array:
-  x = images.reshape(images.shape[0], -1).astype(jnp.float32)
-  x = x - jnp.mean(x, axis=1, keepdims=True)
-  norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True)) / scale
-  norms = jnp.where(norms < preprocessing.GCN_MIN_DIVISOR, 1.0, norms)
-  return x / norms
-
-
-def _blur(x: jax.Array) -> jax.Array:
-  kernel = preprocessing._gaussian_kernel_1d()  # pylint: disable=protected-access
-  _, h, w, _ = x.shape
-  band_h = jnp.asarray(preprocessing._band_matrix(h, kernel))  # pylint: disable=protected-access
-  band_w = jnp.asarray(preprocessing._band_matrix(w, kernel))  # pylint: disable=protected-access
-  y = jnp.einsum('ij,njwc->niwc', band_h, x, precision=_PRECISION)
-  return jnp.einsum('kw,niwc->nikc', band_w, y, precision=_PRECISION)
-
-
-def _local_contrast_normalize(x: jax.Array) -> jax.Array:
-  centered = x - _blur(x)
-  local_norm = jnp.sqrt(jnp.maximum(_blur(jnp.square(x)), 0.0))
-  local_norm = jnp.maximum(local_norm, jnp.mean(local_norm, axis=(1, 2), keepdims=True))
-  return centered / jnp.maximum(local_norm, preprocessing.LCN_THRESHOLD)
-
-
-def preprocess(kind: str, stats: dict[str, jax.Array], images: jax.Array) -> jax.Array:
-  """`preprocessing.Preprocessor(kind, ...)(images)` on the devices: uint8 (N, H, W, C) ->
-  float32 (N, H, W, C), from the Preprocessor's `statistics`."""
-  if kind == 'none':
-    return images.astype(jnp.float32) * jnp.float32(1 / 255)
-  if kind == 'standardize':
-    std, mean = stats['std'], stats['mean']
-    return images.astype(jnp.float32) * (1.0 / (255.0 * std)) - mean / std
-  if kind == 'gcn_zca':
-    x = _global_contrast_normalize(images, preprocessing.CIFAR_GCN_SCALE) - stats['mean']
-    return jnp.matmul(x, stats['whitening'], precision=_PRECISION).reshape(images.shape)
-  if kind == 'lcn':
-    x = _global_contrast_normalize(images, preprocessing.LCN_GCN_SCALE).reshape(images.shape)
-    return _local_contrast_normalize(x)
-  raise ValueError(f'unknown preprocessing kind {kind!r}')
-
-
 # --- The batches --------------------------------------------------------------------------------
-
-
-def translate_and_flip(images: jax.Array, shifts: jax.Array, flips: jax.Array | None,
-                       max_shift: int) -> jax.Array:
-  """`input_pipeline.translate_and_flip` on the devices: out[i, y, x] = images[i, y - dy_i,
-  x - dx_i] (0 outside), mirrored in x where flips[i]; |dy|, |dx| <= max_shift. flips=None:
-  no image is mirrored (augment 'translate'), and the step does not pass over the batch for it.
-
-  Each image is mirrored first and then shifted by -dx (the same thing), as a window of the
-  zero-padded image at a per-image offset.
-  """
-  _, h, w, c = images.shape
-  dy, dx = shifts[:, 0], shifts[:, 1]
-  if flips is not None:
-    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    dx = jnp.where(flips, -dx, dx)
-  t = max_shift
-  padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
-  window = lambda image, dy, dx: jax.lax.dynamic_slice(image, (t - dy, t - dx, 0), (h, w, c))
-  return jax.vmap(window)(padded, dy, dx)
 
 
 def train_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *, kind: str,
@@ -183,12 +110,10 @@ def train_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *, kind: st
   """The training batch of `draws` (from `Data.train_draws`), gathered on the devices:
   {'image': float32 (B, H, W, C), 'label': int32 (B,)}, sharded as `draws` are."""
   rows = draws['rows']
-  images = preprocess(kind, arrays['statistics'], arrays['train_images'][rows])
-  if augment != 'none' and translate_pixels > 0:
-    flips = draws['flips'] if augment == 'translate_flip' else None
-    images = translate_and_flip(images, draws['shifts'], flips, translate_pixels)
-  elif augment == 'translate_flip':
-    images = jnp.where(draws['flips'][:, None, None, None], images[:, :, ::-1], images)
+  images = preprocessing.normalization(kind).jnp(arrays['train_images'][rows],
+                                                 arrays['statistics'])
+  images = augment_lib.augment_jnp(augment, images, draws['shifts'], draws['flips'],
+                                   translate_pixels)
   return {'image': images, 'label': arrays['train_labels'][rows]}
 
 
@@ -206,6 +131,7 @@ def eval_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *,
   """The evaluation batch of `draws` (from `Data.eval_draws`): images, labels and 'mask', with
   zero images and labels on the padding, as `Data.eval_batches` gives them."""
   rows, mask = draws['rows'], draws['mask']
-  images = preprocess(kind, arrays['statistics'], arrays['test_images'][rows])
+  images = preprocessing.normalization(kind).jnp(arrays['test_images'][rows],
+                                                 arrays['statistics'])
   return {'image': jnp.where(mask[:, None, None, None], images, 0.0),
           'label': jnp.where(mask, arrays['test_labels'][rows], 0), 'mask': mask}

@@ -1,8 +1,9 @@
 """Loading a finished run for inference: the one place that reads a run folder's model.
 
-A run folder (written by `nin_jax.train`) holds `config.json`, `class_names.json`,
-`preprocessing.npz` and `checkpoints/` (an Orbax `CheckpointManager` folder, one step per
-subfolder, each a single item `{'step', 'params', 'opt_state', 'rng', ...}`). `load_run` gives a
+A run folder (written by `nin_jax.train`; its files are named in `nin_jax.run_files`) holds
+`config.json`, `class_names.json`, `preprocessing.npz` and `checkpoints/` (an Orbax
+`CheckpointManager` folder, one step per subfolder, each a single item `{'step', 'params',
+'opt_state', 'nonfinite_step'}`). `load_run` gives a
 `Run`: the model, its latest parameters, the run's own preprocessing and class names, and jitted
 `predict`/`forward` functions. Used by `nin_jax.predict` and `nin_jax.visualize`.
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nin_jax import models, preprocessing
+from nin_jax import datasets, models, preprocessing, run_files
 from nin_jax.errors import UserError
 
 # What `expand_image_paths` picks up inside folders (what Pillow reads; case-insensitive).
@@ -136,7 +137,7 @@ def _tuples(value: Any) -> Any:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's `config.json` as a ConfigDict (lists back to tuples)."""
-  path = os.path.join(workdir, 'config.json')
+  path = os.path.join(workdir, run_files.CONFIG)
   data = _read_json(path, f'{workdir} is not a run folder (train writes config.json first)')
   if not isinstance(data, dict):
     raise UserError(f'{path} holds {type(data).__name__}, not a config object')
@@ -188,7 +189,7 @@ def load_run(workdir: str) -> Run:
   if not os.path.isdir(workdir):
     raise UserError(f'run folder {workdir} does not exist: pass the --workdir of a training run')
   config = load_config(workdir)
-  names_path = os.path.join(workdir, 'class_names.json')
+  names_path = os.path.join(workdir, run_files.CLASS_NAMES)
   class_names = _read_json(names_path, 'the run folder lacks its class names; rerun training '
                            'or copy the file from the original run')
   if not isinstance(class_names, list):
@@ -196,12 +197,12 @@ def load_run(workdir: str) -> Run:
   if len(class_names) != config.num_classes:
     raise UserError(f'{names_path} lists {len(class_names)} class names but config.json has '
                     f'num_classes={config.num_classes}: was one of them edited?')
-  pre_path = os.path.join(workdir, 'preprocessing.npz')
+  pre_path = os.path.join(workdir, run_files.PREPROCESSING)
   if not os.path.isfile(pre_path):
     raise UserError(f'{pre_path} not found: the run folder lacks its fitted preprocessing; '
                     'rerun training or copy the file from the original run')
   preprocessor = preprocessing.Preprocessor.load(pre_path)
-  step, params = restore_latest_params(os.path.join(workdir, 'checkpoints'))
+  step, params = restore_latest_params(os.path.join(workdir, run_files.CHECKPOINTS))
   model = models.model_from_config(config)
   _check_params(model, params, config, workdir)
   return Run(workdir=workdir, config=config, model=model, params=params,
@@ -255,7 +256,7 @@ def load_images(paths: Sequence[str], image_shape: tuple[int, int, int]) -> np.n
     UserError: naming the first file that is not a readable image.
   """
   h, _, c = image_shape
-  images = [preprocessing.load_image(p, h, c) for p in paths]
+  images = [datasets.load_image(p, h, c) for p in paths]
   return np.stack(images) if images else np.zeros((0,) + tuple(image_shape), np.uint8)
 
 

@@ -1,13 +1,12 @@
-"""Input pipelines: the TFDS datasets of the paper and class-per-folder images, as numpy batches.
+"""Input pipeline: a dataset in host memory (`nin_jax.datasets`), and its batches as numpy arrays.
 
-Every dataset is decoded once into host memory as uint8 (CIFAR-10: 150 MiB; SVHN train + extra:
-1.8 GiB; EMNIST byclass: 550 MiB). A split whose preprocessed float32 copy fits in
-`PREPROCESS_AT_LOAD_MAX_BYTES` is preprocessed whole, once, when the host first draws a batch
-of it (ZCA is a 3072x3072 product per image: too slow to redo per batch on two cores; the
-device-resident path never draws host batches, so it never pays for this); a larger split (SVHN
-train + extra, EMNIST) stays uint8 and each batch is preprocessed when it is drawn, which gives the same numbers because every
-preprocessing works image by image. Augmentation (random translation, horizontal flip) is a
-numpy slice copy per image, fused with the gather of the batch.
+A split whose preprocessed float32 copy fits in `PREPROCESS_AT_LOAD_MAX_BYTES` is preprocessed
+whole, once, when the host first draws a batch of it (ZCA is a 3072x3072 product per image: too
+slow to redo per batch on two cores; the device-resident path never draws host batches, so it
+never pays for this); a larger split (SVHN train + extra, EMNIST) stays uint8 and each batch is
+preprocessed when it is drawn, which gives the same numbers because every preprocessing works
+image by image. Augmentation (`nin_jax.augment`) is a numpy slice copy per image, fused with the
+gather of the batch.
 
 Batches are pure functions of (config.seed, step): a resumed run sees exactly the batches that
 the uninterrupted run would have seen, and the global batch does not depend on the number of
@@ -24,13 +23,11 @@ the batches are split.
 from __future__ import annotations
 
 from collections.abc import Iterator
-import concurrent.futures
 import dataclasses
 import hashlib
 import itertools
 import math
 import os
-import string
 import tempfile
 import threading
 import time
@@ -40,6 +37,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from nin_jax import augment
+from nin_jax import datasets
 from nin_jax import device_input
 from nin_jax import preprocessing
 from nin_jax.errors import UserError
@@ -47,58 +46,14 @@ from nin_jax.errors import UserError
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
   import ml_collections
 
-TFDS_DATASETS = ('cifar10', 'cifar100', 'svhn_cropped', 'mnist', 'emnist/byclass')
-DATASETS = ('folder', *TFDS_DATASETS, 'imagenet2012')
-AUGMENTS = ('none', 'translate', 'translate_flip')
-
 # A split whose preprocessed float32 copy is at most this big is preprocessed whole, once;
 # bigger ones are preprocessed per batch (CIFAR-10 train: 0.6 GiB; SVHN train + extra: 7.4 GiB).
 PREPROCESS_AT_LOAD_MAX_BYTES = 2 * 2**30
-# The decoded uint8 images of a split must fit in half of this machine's memory: ImageNet at
-# 224x224 (193 GB) stops with a clear message while loading instead of running out of memory.
-IN_MEMORY_MAX_BYTES = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
-# Fitted gcn_zca statistics are cached here, under the data's root (a hidden folder, so the
-# folder dataset does not take it for a class).
-CACHE_FOLDER = '.nin_jax_cache'
-# Operating-system litter that is never an image and never an error.
-_IGNORED_NAMES = frozenset({'thumbs.db', 'desktop.ini', '__macosx'})
-_IMAGE_READ_THREADS = 4
 # Separate random streams, so shuffling and augmentation never share numbers.
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
 
 
 # --- The batches --------------------------------------------------------------------------------
-
-
-def translate_and_flip(images: np.ndarray, shifts: np.ndarray, flips: np.ndarray,
-                       rows: np.ndarray | None = None) -> np.ndarray:
-  """Shifts each image by whole pixels (zero fill), then mirrors some of them left-right.
-
-  out[i, y, x] = images[rows[i], y - dy_i, x - dx_i] (0 outside), mirrored in x where flips[i].
-  Zero is the training mean after 'standardize' and 'gcn_zca', so the filled border looks like
-  an average pixel, not like a black frame. Gathering `rows` here, straight from the whole
-  split, writes each batch pixel once: the batch array is the only new memory (fresh pages
-  are a large part of the cost on a busy two-core host), and 128 CIFAR images take ~1 ms.
-
-  Args:
-    images: float32 (N, H, W, C), already preprocessed.
-    shifts: int (B, 2), (dy, dx) with |dy| < H and |dx| < W.
-    flips: bool (B,), mirror these images.
-    rows: int (B,), which images; None: all of them, in order (B = N).
-
-  Returns:
-    float32 (B, H, W, C), a new array.
-  """
-  rows = np.arange(len(images)) if rows is None else rows
-  _, h, w, c = images.shape
-  out = np.zeros((len(rows), h, w, c), images.dtype)
-  for i, (row, (dy, dx), flip) in enumerate(zip(rows.tolist(), shifts.tolist(), flips.tolist())):
-    image = images[row]
-    if flip:  # mirror(shift(x, dx)) = shift(mirror(x), -dx)
-      image, dx = image[:, ::-1], -dx
-    out[i, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
-        image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)])
-  return out
 
 
 @dataclasses.dataclass(eq=False)  # arrays inside: compare fields explicitly
@@ -151,8 +106,7 @@ class Data:
       if value < 1 or value % self.process_count:
         raise UserError(f'config.{name}={value}: must be a positive multiple of the number of '
                         f'processes ({self.process_count})')
-    if self.augment not in AUGMENTS:
-      raise UserError(f'config.augment={self.augment!r} is not one of {", ".join(AUGMENTS)}')
+    augment.moves(self.augment)  # UserError for an unknown setting
     if not 0 <= self.translate_pixels < min(self.image_shape[:2]):
       raise UserError(f'config.translate_pixels={self.translate_pixels}: must be smaller than '
                       f'the images ({self.image_shape[0]}x{self.image_shape[1]})')
@@ -221,13 +175,7 @@ class Data:
     positions = (i * b + np.arange(b)) % self.num_train_examples
     rows = self._epoch_permutation(epoch)[positions]
     rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step])
-    t = self.translate_pixels
-    shifts = rng.integers(-t, t + 1, size=(b, 2))
-    flips = rng.random(b) < 0.5
-    if self.augment == 'none':
-      shifts = np.zeros_like(shifts)
-    if self.augment != 'translate_flip':
-      flips = np.zeros_like(flips)
+    shifts, flips = augment.draw(rng, self.augment, b, self.translate_pixels)
     share = slice(self.process_index * b // self.process_count,
                   (self.process_index + 1) * b // self.process_count)
     return {'rows': rows[share].astype(np.int32), 'shifts': shifts[share].astype(np.int32),
@@ -238,14 +186,14 @@ class Data:
     draws = self.train_draws(step)
     rows = draws['rows']
     labels = self.train_labels[rows]
-    if self.augment == 'none':
+    if not any(augment.moves(self.augment)):
       return {'image': self.preprocessed_images('train', rows), 'label': labels}
     inputs = self._preprocessed_split('train')
     if inputs is not None:  # gather and augment in one pass
-      return {'image': translate_and_flip(inputs, draws['shifts'], draws['flips'], rows),
+      return {'image': augment.translate_and_flip(inputs, draws['shifts'], draws['flips'], rows),
               'label': labels}
-    return {'image': translate_and_flip(self.preprocessed_images('train', rows),
-                                        draws['shifts'], draws['flips']),
+    return {'image': augment.translate_and_flip(self.preprocessed_images('train', rows),
+                                                draws['shifts'], draws['flips']),
             'label': labels}
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -363,9 +311,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   def choice(key, allowed):
     if config[key] not in allowed:
       raise UserError(f'config.{key}={config[key]!r} is not one of {", ".join(allowed)}')
-  choice('dataset', DATASETS)
+  choice('dataset', datasets.DATASETS)
   choice('preprocess', preprocessing.KINDS)
-  choice('augment', AUGMENTS)
+  choice('augment', augment.AUGMENTS)
   choice('input_pipeline', device_input.INPUT_PIPELINES)
   if config.image_channels not in (1, 3):
     raise UserError(f'config.image_channels={config.image_channels}: must be 1 or 3')
@@ -392,12 +340,7 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
   """
   _check_config(config)
   start = time.time()
-  if config.dataset == 'folder':
-    arrays, class_names = _load_folder(config)
-    cache_dir = os.path.join(config.data_dir, CACHE_FOLDER)
-  else:
-    arrays, class_names, root = _load_tfds(config)
-    cache_dir = os.path.join(root, CACHE_FOLDER)
+  arrays, class_names, cache_dir = datasets.load(config)
   if len(class_names) != config.num_classes:
     raise UserError(f'config.num_classes={config.num_classes} but {config.dataset} '
                     f'({config.data_dir or "TFDS default folder"}) has {len(class_names)} '
@@ -409,251 +352,6 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
                config.dataset, data.num_train_examples, data.num_test_examples,
                data.image_shape, data.num_classes, config.preprocess, time.time() - start)
   return data
-
-
-# --- TFDS ---------------------------------------------------------------------------------------
-
-
-def _tfds_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  if config.dataset == 'svhn_cropped' and config.svhn_extra:
-    return 'train+extra', 'test'  # the paper trains on train + extra (minus a validation set)
-  if config.dataset == 'imagenet2012':
-    return 'train', 'validation'  # ImageNet's test labels are not public
-  return 'train', 'test'
-
-
-def _tfds_class_names(config: ml_collections.ConfigDict, label_feature) -> list[str]:
-  if config.dataset == 'emnist/byclass':
-    # TFDS names the 62 byclass labels '0'..'61'; they are the digits, then A-Z, then a-z.
-    return list(string.digits + string.ascii_uppercase + string.ascii_lowercase)
-  return list(label_feature.names)
-
-
-def _load_tfds(config: ml_collections.ConfigDict):
-  """Decodes both splits of a prepared TFDS dataset into uint8 arrays; never downloads."""
-  # Imported here: the folder path and the prediction tools should not pay TF's start-up.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  name = config.dataset
-  root = config.data_dir or tfds.core.constants.DATA_DIR
-  if config.data_dir and not os.path.isdir(config.data_dir):
-    raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
-                    f'folder holding the prepared {name} (or use \'\' for {root})')
-  builder = tfds.builder(name, data_dir=config.data_dir or None)
-  features = builder.info.features
-  native = tuple(features['image'].shape)
-  if name == 'emnist/byclass':
-    native = (native[1], native[0], native[2])
-  size, channels = config.image_size, config.image_channels
-  target = (size, size, channels)
-  if native != target:
-    logging.warning('%s images are %s; converting them to %s (config.image_size, '
-                    'config.image_channels)', name, native, target)
-
-  def convert(example):
-    image = example['image']
-    if name == 'emnist/byclass':
-      image = tf.transpose(image, [1, 0, 2])  # TFDS stores EMNIST transposed, as the source
-    if native[2] == 3 and channels == 1:
-      image = tf.image.rgb_to_grayscale(image)
-    elif native[2] == 1 and channels == 3:
-      image = tf.image.grayscale_to_rgb(image)
-    if native[:2] != (size, size):
-      image = tf.image.resize(image, (size, size), antialias=True)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image, example['label']
-
-  def load(split):
-    try:
-      dataset = builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError:  # TFDS's "could not find data in ...": not prepared
-      raise UserError(
-          f'TFDS dataset {name} is not prepared in {root} and runs never download; prepare it '
-          f'once with internet: python -c "import tensorflow_datasets as tfds; '
-          f"tfds.builder('{name}', data_dir='{root}').download_and_prepare()\" "
-          f'(or copy a prepared {name}/ folder into {root}, or set --config.data_dir)') from None
-    dataset = dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
-    images, labels, size_bytes = [], [], 0
-    try:
-      for image_batch, label_batch in tfds.as_numpy(dataset):
-        images.append(image_batch)
-        labels.append(label_batch)
-        size_bytes += image_batch.nbytes
-        if size_bytes > IN_MEMORY_MAX_BYTES:
-          raise UserError(
-              f'{name} {split} does not fit this in-memory pipeline: more than '
-              f'{IN_MEMORY_MAX_BYTES / 2**30:.1f} GiB of uint8 images at {size}x{size} (half of '
-              'this machine\'s memory); a streaming pipeline for ImageNet-sized data is not '
-              'implemented yet')
-    except tf.errors.OpError as e:
-      raise UserError(f'TFDS dataset {name} in {root} is incomplete or corrupt '
-                      f'({e.message.splitlines()[0]}); delete {builder.data_dir} and prepare it '
-                      'again') from None
-    return (np.concatenate(images) if images else np.zeros((0, *target), np.uint8),
-            np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32))
-
-  train_split, test_split = _tfds_splits(config)
-  train_images, train_labels = load(train_split)
-  test_images, test_labels = load(test_split)
-  arrays = dict(train_images=train_images, train_labels=train_labels,
-                test_images=test_images, test_labels=test_labels)
-  return arrays, _tfds_class_names(config, features['label']), root
-
-
-# --- The folder dataset -------------------------------------------------------------------------
-
-
-def _ignored(name: str) -> bool:
-  return name.startswith('.') or name.lower() in _IGNORED_NAMES
-
-
-def _visible_entries(folder: str) -> list[str]:
-  return sorted(name for name in os.listdir(folder) if not _ignored(name))
-
-
-def _image_files(class_folder: str) -> list[str]:
-  """Every visible file under a class folder (sub-folders included), sorted."""
-  files = []
-  for parent, folders, names in os.walk(class_folder):
-    folders[:] = sorted(f for f in folders if not _ignored(f))
-    files.extend(os.path.join(parent, n) for n in sorted(names) if not _ignored(n))
-  return files
-
-
-def _class_folders(parent: str, root: str) -> list[str]:
-  """The sorted class folders of `parent`; loose files there are ignored with a warning."""
-  entries = _visible_entries(parent)
-  classes = [e for e in entries if os.path.isdir(os.path.join(parent, e))]
-  loose = [e for e in entries if e not in classes]
-  if loose:
-    logging.warning('%s: ignoring %d file(s) outside the class folders (e.g. %s)', parent,
-                    len(loose), loose[0])
-  if len(classes) < 2:
-    raise UserError(f'{parent}: found {len(classes)} class folder(s), need at least 2 '
-                    f'(layout: {root}/<class>/<images> or {root}/train/<class>/ + '
-                    f'{root}/test/<class>/)')
-  return classes
-
-
-def _read_images(files: list[str], config: ml_collections.ConfigDict) -> list[np.ndarray | None]:
-  """Decodes the files (None for a bad one when skip_bad_files, else UserError)."""
-  def read(path):
-    try:
-      return preprocessing.load_image(path, config.image_size, config.image_channels), None
-    except UserError as e:
-      return None, str(e)
-
-  # PIL releases the GIL while it decodes, so a few threads overlap the file reads and decoding.
-  with preprocessing.strict_decoding(), concurrent.futures.ThreadPoolExecutor(
-      _IMAGE_READ_THREADS) as pool:
-    results = list(pool.map(read, files))
-  errors = [error for _, error in results if error is not None]
-  if errors and not config.skip_bad_files:
-    more = f' (and {len(errors) - 1} more bad file(s))' if len(errors) > 1 else ''
-    raise UserError(f'{errors[0]}{more}; --config.skip_bad_files=True skips bad files')
-  for error in errors:
-    logging.warning('Skipping %s', error)
-  return [image for image, _ in results]
-
-
-def _read_classes(folders: list[str], config: ml_collections.ConfigDict
-                  ) -> list[tuple[list[str], np.ndarray]]:
-  """(relative file names, uint8 images) of the readable images of each class folder.
-
-  All folders are listed (and checked for emptiness) before any file is decoded, and all
-  files are decoded before a bad one stops the run, so one message counts every bad file.
-  """
-  listed = []
-  for folder in folders:
-    files = _image_files(folder)
-    if not files:
-      raise UserError(f'{folder}: empty class folder; add images or remove the folder')
-    listed.append(files)
-  images = iter(_read_images([f for files in listed for f in files], config))
-  classes = []
-  for folder, files in zip(folders, listed):
-    kept = [(os.path.relpath(f, folder), image) for f, image in zip(files, images)
-            if image is not None]
-    if not kept:
-      raise UserError(f'{folder}: no readable image in this class folder')
-    names, arrays = zip(*kept)
-    classes.append((list(names), np.stack(arrays)))
-  return classes
-
-
-def _held_out(names: list[str], fraction: float) -> np.ndarray:
-  """bool mask: the stratified, deterministic test share of one class.
-
-  The files are ordered by a hash of their name, and the first round(n * fraction) (at least
-  one, and never all) are held out: the same split on every machine and every run, and adding
-  a file moves no other file between the splits.
-  """
-  n = len(names)
-  num_test = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
-  order = sorted(range(n), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
-  mask = np.zeros(n, bool)
-  mask[order[:num_test]] = True
-  return mask
-
-
-def _load_folder(config: ml_collections.ConfigDict):
-  """Reads ROOT/<class>/… (held-out split) or ROOT/train/<class>/… + ROOT/test/<class>/…."""
-  root = config.data_dir
-  if not root:
-    raise UserError("config.data_dir is empty; point it at the image folder "
-                    "(ROOT/<class>/<images>)")
-  if not os.path.isdir(root):
-    raise UserError(f'config.data_dir={root!r} is not a folder; point it at the image folder '
-                    '(ROOT/<class>/<images>)')
-  entries = {e for e in _visible_entries(root) if os.path.isdir(os.path.join(root, e))}
-  split_layout = {'train', 'test'} <= entries
-  if not split_layout and ('train' in entries or 'test' in entries):
-    have, missing = ('train', 'test') if 'train' in entries else ('test', 'train')
-    raise UserError(f'{root} has a {have}/ folder but no {missing}/ folder: add '
-                    f'{os.path.join(root, missing)}/<class>/ images, or put the class folders '
-                    f'directly in {root}')
-  train_images, train_labels, test_images, test_labels = [], [], [], []
-  if split_layout:
-    others = sorted(entries - {'train', 'test'})
-    if others:
-      logging.warning('%s: using train/ and test/, ignoring %s', root, ', '.join(others))
-    train_root, test_root = os.path.join(root, 'train'), os.path.join(root, 'test')
-    class_names = _class_folders(train_root, root)
-    test_classes = [c for c in _visible_entries(test_root)
-                    if os.path.isdir(os.path.join(test_root, c))]
-    unknown = [c for c in test_classes if c not in class_names]
-    if unknown:
-      raise UserError(f'{os.path.join(test_root, unknown[0])}: class not in {train_root}; '
-                      'test classes must also be training classes')
-    test_labelled = [(class_names.index(c), c) for c in sorted(test_classes)]
-    classes = _read_classes([os.path.join(train_root, c) for c in class_names]
-                            + [os.path.join(test_root, c) for _, c in test_labelled], config)
-    for label, (_, images) in enumerate(classes[:len(class_names)]):
-      train_images.append(images)
-      train_labels.append(np.full(len(images), label, np.int32))
-    for (label, _), (_, images) in zip(test_labelled, classes[len(class_names):]):
-      test_images.append(images)
-      test_labels.append(np.full(len(images), label, np.int32))
-  else:
-    class_names = _class_folders(root, root)
-    classes = _read_classes([os.path.join(root, c) for c in class_names], config)
-    for label, (names, images) in enumerate(classes):
-      held_out = _held_out(names, config.test_fraction)
-      train_images.append(images[~held_out])
-      train_labels.append(np.full(int((~held_out).sum()), label, np.int32))
-      test_images.append(images[held_out])
-      test_labels.append(np.full(int(held_out.sum()), label, np.int32))
-  if not sum(len(x) for x in test_images):
-    raise UserError(f'{root}: the test split is empty; add test images (a class needs at '
-                    'least 2 images for a held-out share)')
-  shape = (0, config.image_size, config.image_size, config.image_channels)
-  arrays = dict(
-      train_images=np.concatenate(train_images),
-      train_labels=np.concatenate(train_labels),
-      test_images=np.concatenate(test_images) if test_images else np.zeros(shape, np.uint8),
-      test_labels=np.concatenate(test_labels) if test_labels else np.zeros(0, np.int32))
-  return arrays, class_names
 
 
 # --- Benchmark ----------------------------------------------------------------------------------
@@ -677,7 +375,7 @@ def benchmark(config: ml_collections.ConfigDict, *, mock: bool, num_batches: int
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; the caller's is intact
   start = time.time()
-  if mock and config.dataset in TFDS_DATASETS:
+  if mock and config.dataset in datasets.TFDS_DATASETS:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     config.data_dir = os.path.join(tempfile.gettempdir(), 'nin_jax_benchmark_mock')
     os.makedirs(config.data_dir, exist_ok=True)

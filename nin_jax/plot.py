@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure  # No pyplot: no global state, no GUI backend (Agg).
 
+from nin_jax import run_files
 from nin_jax.errors import UserError
 from nin_jax.report import PAPER_TEST_ERROR
 
@@ -38,7 +39,7 @@ def read_metrics(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """
   if not os.path.isdir(run_dir):
     raise UserError(f'run folder {run_dir} does not exist')
-  path = os.path.join(run_dir, 'metrics.jsonl')
+  path = os.path.join(run_dir, run_files.METRICS)
   if not os.path.isfile(path):
     raise UserError(f'{path} not found: {run_dir} is not a run folder, or its training has '
                     'not logged yet')
@@ -66,7 +67,7 @@ def read_metrics(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def read_experiment(run_dir: str) -> str | None:
   """The run's `experiment` (the key of the paper table), from config.json or results.json."""
-  for name in ('config.json', 'results.json'):
+  for name in (run_files.CONFIG, run_files.RESULTS):
     try:
       with open(os.path.join(run_dir, name)) as f:
         experiment = json.load(f).get('experiment')

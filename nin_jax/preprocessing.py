@@ -1,8 +1,4 @@
-"""Image preprocessing: reading image files, and the paper's per-dataset normalizations.
-
-numpy at import, PIL when reading files (no TensorFlow): the prediction tools import this module
-to convert a new image exactly as the training images were converted, and they should start in a
-second; the benchmark's input paths import it on accelerator hosts that have no PIL.
+"""The paper's per-dataset normalizations, in numpy for the host and in jnp for the devices.
 
 Four kinds of preprocessing (`config.preprocess`), each a fitted `Preprocessor`:
 
@@ -15,23 +11,28 @@ Four kinds of preprocessing (`config.preprocess`), each a fitted `Preprocessor`:
                  channel: the maxout recipe for SVHN (pylearn2 `svhn_preprocessing.py`). Nothing
                  is fitted: every image is normalized on its own.
 
-Every kind works image by image once fitted, so preprocessing a batch gives the same numbers as
-preprocessing the whole split and then taking the batch.
+`normalization(kind)` is the one place that reads the kind: its fit, its numpy code (the host
+input path) and its jnp twin (the device input path, inside the jitted step). Each twin does the
+numpy code's operations in the same order, so both paths give the same batches to float rounding
+(tests/device_input_test.py). Every kind works image by image once fitted, so preprocessing a
+batch gives the same numbers as preprocessing the whole split and then taking the batch.
+
+numpy and JAX only (no TensorFlow, no PIL): the prediction tools and the train step import it.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nin_jax.errors import UserError
 
-KINDS = ('standardize', 'gcn_zca', 'lcn', 'none')
-
-# --- Constants and where they come from --------------------------------------------------------
+# --- Constants and where they come from ---------------------------------------------------------
 # pylearn2 `datasets/cifar10.py`, `CIFAR10(gcn=55.)`: every image (as one vector) has its mean
 # subtracted and is scaled to L2 norm 55, with no bias inside the square root.
 CIFAR_GCN_SCALE = 55.0
@@ -57,103 +58,12 @@ STANDARDIZE_MIN_STD = 1e-6
 # (4096 x 3072 x 4 bytes = 48 MiB) without slowing the matrix products.
 _CHUNK = 4096
 
-
-# --- Reading image files -----------------------------------------------------------------------
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-  """Maps 16-bit and float modes to 8-bit 'L' (PIL's own convert would clip them at 255)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if image.mode.startswith('I;16'):
-    array = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
-  elif image.mode == 'I':
-    array = np.asarray(image, dtype=np.float32)
-    if array.max(initial=0) > 255:
-      array = array / 257.0
-  elif image.mode == 'F':
-    array = np.asarray(image, dtype=np.float32)
-  else:
-    return image
-  return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode='L')
+# The largest matrix products of the jnp twins (ZCA: 3072x3072) in full float32, as on the
+# host: accelerators otherwise run float32 products in TF32/bfloat16 passes.
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
-def _to_channels(image: Image.Image, channels: int) -> Image.Image:
-  """Converts any PIL mode to 'L' (channels=1) or 'RGB' (channels=3).
-
-  Transparent images are composited over white, so a dark glyph drawn on a transparent
-  background stays a dark glyph (dropping the alpha channel would turn the background into
-  whatever colour the transparent pixels happen to hold, often black).
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  image = _to_8bit(image)
-  if image.mode == 'P':
-    image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
-  elif image.mode in ('L', 'RGB') and 'transparency' in image.info:
-    image = image.convert('RGBA')
-  if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-    rgba = image.convert('RGBA')
-    background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(background, rgba)
-  return image.convert('L' if channels == 1 else 'RGB')
-
-
-@contextlib.contextmanager
-def strict_decoding():
-  """Makes PIL fail on truncated files while inside (and restores the setting after).
-
-  Some libraries (TFDS's image utilities among them) set PIL's process-wide
-  `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which silently fills the missing part of a cut file
-  with black; a training set must not take such a file for a good one. Callers that read files
-  in several threads enter this once around all of them, so the threads never race on it.
-  """
-  from PIL import ImageFile  # pylint: disable=g-import-not-at-top
-  previous = ImageFile.LOAD_TRUNCATED_IMAGES
-  ImageFile.LOAD_TRUNCATED_IMAGES = False
-  try:
-    yield
-  finally:
-    ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
-  """Reads one image file as the network sees it, for training and prediction alike.
-
-  Any size and mode PIL reads (PNG, JPEG, BMP, GIF first frame, 16-bit, palette, alpha) is
-  converted to `channels` (1: luma 'L', ITU-R 601; 3: RGB) and resized to a square
-  `image_size` x `image_size` with PIL's antialiased bilinear filter. The aspect ratio is not
-  kept (as Keras' `image_dataset_from_directory`): the seed's images are square already.
-
-  Args:
-    path: the image file.
-    image_size: output height and width.
-    channels: 1 or 3.
-
-  Returns:
-    uint8 array of shape (image_size, image_size, channels).
-
-  Raises:
-    UserError: naming the file, when it is not an image PIL can decode (corrupt, truncated,
-      not an image at all).
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if channels not in (1, 3):
-    raise UserError(f'image_channels={channels}: must be 1 (grayscale) or 3 (RGB)')
-  try:
-    with strict_decoding(), Image.open(path) as image:
-      image.load()  # decode now: a truncated file fails here, not later
-      image = _to_channels(image, channels)
-      if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-      array = np.asarray(image, dtype=np.uint8)
-  except FileNotFoundError:
-    raise UserError(f'{path}: no such file') from None
-  except Exception as e:  # PIL raises many types on bad data (OSError, SyntaxError, struct.error…)
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f'{path}: not a readable image ({reason}); replace or delete it') from None
-  return array.reshape(image_size, image_size, channels)
-
-
-# --- The normalizations, as pure functions ------------------------------------------------------
+# --- The normalizations, numpy and jnp side by side ---------------------------------------------
 
 
 def global_contrast_normalize(images: np.ndarray, scale: float) -> np.ndarray:
@@ -172,6 +82,14 @@ def global_contrast_normalize(images: np.ndarray, scale: float) -> np.ndarray:
   norms[norms < GCN_MIN_DIVISOR] = 1.0
   x /= norms
   return x
+
+
+def _global_contrast_normalize_jnp(images: jax.Array, scale: float) -> jax.Array:
+  x = images.reshape(images.shape[0], -1).astype(jnp.float32)
+  x = x - jnp.mean(x, axis=1, keepdims=True)
+  norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True)) / scale
+  norms = jnp.where(norms < GCN_MIN_DIVISOR, 1.0, norms)
+  return x / norms
 
 
 def _gaussian_kernel_1d(size: int = LCN_KERNEL_SIZE, sigma: float = LCN_SIGMA) -> np.ndarray:
@@ -199,6 +117,15 @@ def _blur(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   return y.reshape(n, w, h, c).transpose(0, 2, 1, 3)
 
 
+def _blur_jnp(x: jax.Array) -> jax.Array:
+  kernel = _gaussian_kernel_1d()
+  _, h, w, _ = x.shape
+  band_h = jnp.asarray(_band_matrix(h, kernel))
+  band_w = jnp.asarray(_band_matrix(w, kernel))
+  y = jnp.einsum('ij,njwc->niwc', band_h, x, precision=_PRECISION)
+  return jnp.einsum('kw,niwc->nikc', band_w, y, precision=_PRECISION)
+
+
 def local_contrast_normalize(images: np.ndarray) -> np.ndarray:
   """LeCun's local contrast normalization, per channel, as pylearn2's `lecun_lcn`.
 
@@ -222,6 +149,13 @@ def local_contrast_normalize(images: np.ndarray) -> np.ndarray:
   np.maximum(local_norm, LCN_THRESHOLD, out=local_norm)
   centered /= local_norm
   return centered
+
+
+def _local_contrast_normalize_jnp(x: jax.Array) -> jax.Array:
+  centered = x - _blur_jnp(x)
+  local_norm = jnp.sqrt(jnp.maximum(_blur_jnp(jnp.square(x)), 0.0))
+  local_norm = jnp.maximum(local_norm, jnp.mean(local_norm, axis=(1, 2), keepdims=True))
+  return centered / jnp.maximum(local_norm, LCN_THRESHOLD)
 
 
 def zca_whitening(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +190,122 @@ def _zca_from_chunks(chunks, num_features: int) -> tuple[np.ndarray, np.ndarray]
   return mean.astype(np.float32), whitening.astype(np.float32)
 
 
+# --- The four kinds: fit, numpy, jnp ------------------------------------------------------------
+# fit: uint8 (N, H, W, C) training split -> statistics {name: array}; numpy and jnp: uint8
+# (N, H, W, C) and those statistics -> float32 (N, H, W, C). In-place arithmetic in numpy: one
+# new array per call, not one per operation.
+
+
+def _fit_nothing(images: np.ndarray) -> dict[str, np.ndarray]:
+  del images  # every image is normalized on its own
+  return {}
+
+
+def _none(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+  del stats
+  x = images.astype(np.float32)
+  x *= np.float32(1 / 255)
+  return x
+
+
+def _none_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
+  del stats
+  return images.astype(jnp.float32) * jnp.float32(1 / 255)
+
+
+def _fit_standardize(images: np.ndarray) -> dict[str, np.ndarray]:
+  channels = images.shape[-1]
+  total = np.zeros(channels, np.float64)
+  total_sq = np.zeros(channels, np.float64)
+  for start in range(0, len(images), _CHUNK):  # chunks: EMNIST has 700k images
+    chunk = images[start:start + _CHUNK].reshape(-1, channels).astype(np.float64) / 255.0
+    total += chunk.sum(axis=0)
+    total_sq += np.square(chunk).sum(axis=0)
+  count = len(images) * images.shape[1] * images.shape[2]
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+  std[std < STANDARDIZE_MIN_STD] = 1.0
+  return {'mean': mean.astype(np.float32), 'std': std.astype(np.float32)}
+
+
+def _standardize(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+  # (x / 255 - mean) / std as one multiply and one subtract
+  std, mean = stats['std'], stats['mean']
+  x = images.astype(np.float32)
+  width = images.shape[2]
+  rows = x.reshape(-1, x.shape[2] * x.shape[3])  # a per-channel vector tiled over a row
+  rows *= np.tile((1.0 / (255.0 * std)).astype(np.float32), width)  # broadcasts fast
+  rows -= np.tile((mean / std).astype(np.float32), width)
+  return x
+
+
+def _standardize_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
+  std, mean = stats['std'], stats['mean']
+  return images.astype(jnp.float32) * (1.0 / (255.0 * std)) - mean / std
+
+
+def _fit_gcn_zca(images: np.ndarray) -> dict[str, np.ndarray]:
+  image_shape = images.shape[1:]
+  num_features = int(np.prod(image_shape))
+  if num_features > MAX_ZCA_FEATURES:
+    raise UserError(
+        f'config.preprocess=gcn_zca on {"x".join(map(str, image_shape))} images '
+        f'({num_features} values) needs a {num_features}x{num_features} whitening matrix; '
+        f'use at most {MAX_ZCA_FEATURES} values per image (e.g. image_size=32 with 3 channels) '
+        'or preprocess=standardize')
+  chunks = (global_contrast_normalize(images[start:start + _CHUNK], CIFAR_GCN_SCALE)
+            for start in range(0, len(images), _CHUNK))
+  mean, whitening = _zca_from_chunks(chunks, num_features)
+  return {'mean': mean, 'whitening': whitening}
+
+
+def _gcn_zca(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+  x = global_contrast_normalize(images, CIFAR_GCN_SCALE)
+  x -= stats['mean']
+  return (x @ stats['whitening']).reshape(images.shape)
+
+
+def _gcn_zca_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
+  x = _global_contrast_normalize_jnp(images, CIFAR_GCN_SCALE) - stats['mean']
+  return jnp.matmul(x, stats['whitening'], precision=_PRECISION).reshape(images.shape)
+
+
+def _lcn(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+  del stats
+  x = global_contrast_normalize(images, LCN_GCN_SCALE).reshape(images.shape)
+  return local_contrast_normalize(x)
+
+
+def _lcn_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
+  del stats
+  x = _global_contrast_normalize_jnp(images, LCN_GCN_SCALE).reshape(images.shape)
+  return _local_contrast_normalize_jnp(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """One kind of preprocessing: how it is fitted, and its numpy and jnp implementations."""
+  fit: Callable[[np.ndarray], dict[str, np.ndarray]]
+  numpy: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
+  jnp: Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
+
+
+_NORMALIZATIONS = {
+    'standardize': Normalization(_fit_standardize, _standardize, _standardize_jnp),
+    'gcn_zca': Normalization(_fit_gcn_zca, _gcn_zca, _gcn_zca_jnp),
+    'lcn': Normalization(_fit_nothing, _lcn, _lcn_jnp),
+    'none': Normalization(_fit_nothing, _none, _none_jnp),
+}
+KINDS = tuple(_NORMALIZATIONS)
+
+
+def normalization(kind: str) -> Normalization:
+  """The fit and the numpy and jnp code of the preprocessing `kind`."""
+  if kind not in _NORMALIZATIONS:
+    raise ValueError(f'unknown preprocessing kind {kind!r}')
+  return _NORMALIZATIONS[kind]
+
+
 # --- The fitted preprocessing of one run --------------------------------------------------------
 
 
@@ -277,49 +327,30 @@ class Preprocessor:
   std: np.ndarray | None = None
   whitening: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
+  def statistics(self) -> dict[str, np.ndarray]:
+    """The fitted arrays (mean, std, whitening: those it has), as `normalization` takes them."""
+    return {name: getattr(self, name) for name in ('mean', 'std', 'whitening')
+            if getattr(self, name) is not None}
+
   def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
     """(N, H, W, C) uint8 -> float32 (N, H, W, C); image by image, so batches are consistent."""
     images = np.asarray(images_uint8)
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.image_shape):
       raise ValueError(f'expected images of shape (N, {", ".join(map(str, self.image_shape))}),'
                        f' got {images.shape}')
+    apply, stats = normalization(self.kind).numpy, self.statistics()
     if len(images) <= _CHUNK:  # a batch: no second copy
-      return np.ascontiguousarray(self._apply(images), dtype=np.float32)
+      return np.ascontiguousarray(apply(images, stats), dtype=np.float32)
     out = np.empty(images.shape, np.float32)
     for start in range(0, len(images), _CHUNK):
       chunk = images[start:start + _CHUNK]
-      out[start:start + len(chunk)] = self._apply(chunk)
+      out[start:start + len(chunk)] = apply(chunk, stats)
     return out
-
-  def _apply(self, images: np.ndarray) -> np.ndarray:
-    # In-place arithmetic: one new array per call, not one per operation.
-    if self.kind == 'none':
-      x = images.astype(np.float32)
-      x *= np.float32(1 / 255)
-      return x
-    if self.kind == 'standardize':  # (x / 255 - mean) / std as one multiply and one subtract
-      x = images.astype(np.float32)
-      width = images.shape[2]
-      rows = x.reshape(-1, x.shape[2] * x.shape[3])  # a per-channel vector tiled over a row
-      rows *= np.tile((1.0 / (255.0 * self.std)).astype(np.float32), width)  # broadcasts fast
-      rows -= np.tile((self.mean / self.std).astype(np.float32), width)
-      return x
-    if self.kind == 'gcn_zca':
-      x = global_contrast_normalize(images, CIFAR_GCN_SCALE)
-      x -= self.mean
-      return (x @ self.whitening).reshape(images.shape)
-    if self.kind == 'lcn':
-      x = global_contrast_normalize(images, LCN_GCN_SCALE).reshape(images.shape)
-      return local_contrast_normalize(x)
-    raise ValueError(f'unknown preprocessing kind {self.kind!r}')
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes an .npz (no pickles) that `Preprocessor.load` reads back."""
-    arrays = {'kind': np.array(self.kind), 'image_shape': np.array(self.image_shape, np.int64)}
-    for name in ('mean', 'std', 'whitening'):
-      value = getattr(self, name)
-      if value is not None:
-        arrays[name] = value
+    arrays = {'kind': np.array(self.kind), 'image_shape': np.array(self.image_shape, np.int64),
+              **self.statistics()}
     tmp = f'{os.fspath(path)}.tmp.npz'
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
@@ -363,31 +394,4 @@ def fit_preprocessor(kind: str, train_images_uint8: np.ndarray) -> Preprocessor:
   if images.ndim != 4 or not len(images):
     raise ValueError(f'expected a non-empty (N, H, W, C) training split, got {images.shape}')
   image_shape = tuple(int(s) for s in images.shape[1:])
-  if kind in ('none', 'lcn'):
-    return Preprocessor(kind, image_shape)
-  if kind == 'standardize':
-    channels = image_shape[-1]
-    total = np.zeros(channels, np.float64)
-    total_sq = np.zeros(channels, np.float64)
-    for start in range(0, len(images), _CHUNK):  # chunks: EMNIST has 700k images
-      chunk = images[start:start + _CHUNK].reshape(-1, channels).astype(np.float64) / 255.0
-      total += chunk.sum(axis=0)
-      total_sq += np.square(chunk).sum(axis=0)
-    count = len(images) * image_shape[0] * image_shape[1]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    std[std < STANDARDIZE_MIN_STD] = 1.0
-    return Preprocessor(kind, image_shape, mean=mean.astype(np.float32),
-                        std=std.astype(np.float32))
-  # gcn_zca
-  num_features = int(np.prod(image_shape))
-  if num_features > MAX_ZCA_FEATURES:
-    raise UserError(
-        f'config.preprocess=gcn_zca on {"x".join(map(str, image_shape))} images '
-        f'({num_features} values) needs a {num_features}x{num_features} whitening matrix; '
-        f'use at most {MAX_ZCA_FEATURES} values per image (e.g. image_size=32 with 3 channels) '
-        'or preprocess=standardize')
-  chunks = (global_contrast_normalize(images[start:start + _CHUNK], CIFAR_GCN_SCALE)
-            for start in range(0, len(images), _CHUNK))
-  mean, whitening = _zca_from_chunks(chunks, num_features)
-  return Preprocessor(kind, image_shape, mean=mean, whitening=whitening)
+  return Preprocessor(kind, image_shape, **normalization(kind).fit(images))

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from nin_jax import run_files
 from nin_jax.errors import UserError
 
 # Test error (%) of the paper's NIN for each of our experiments, keyed by `config.experiment`.
@@ -47,12 +48,12 @@ def read_run(run_dir: str) -> dict[str, Any]:
   """
   if not os.path.isdir(run_dir):
     raise UserError(f'run folder {run_dir} does not exist')
-  results_path = os.path.join(run_dir, 'results.json')
+  results_path = os.path.join(run_dir, run_files.RESULTS)
   if not os.path.isfile(results_path):
     raise UserError(f'{results_path} not found: the run has not finished (training writes it '
                     f'at the end), or {run_dir} is not a run folder')
   merged = {}
-  for path in (os.path.join(run_dir, 'config.json'), results_path):
+  for path in (os.path.join(run_dir, run_files.CONFIG), results_path):
     if path != results_path and not os.path.isfile(path):
       continue  # results.json alone has every number the table needs.
     try:

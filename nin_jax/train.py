@@ -1,10 +1,9 @@
 """Training and evaluation of a NIN: one trainer that reads top to bottom.
 
 `train_and_evaluate(config, workdir)` is the Flax examples' contract. Data parallelism is
-`jax.jit` over a 1-D device mesh of every device of every process: parameters replicated, the
-global batch sharded on the 'data' axis, XLA inserting the gradient all-reduce. (That is what
-`jax.pmap` has become: since JAX 0.8 it is a thin wrapper over `jit` + `shard_map`, in
-maintenance mode.)
+`jax.jit` over a 1-D device mesh of every device of every process (`nin_jax.parallel`):
+parameters replicated, the global batch sharded on the 'data' axis. Beside it: the run folder's
+files (`run_files`), its metrics log (`metrics_log`), what stops a run early (`guards`).
 
 Nothing here imports TensorFlow at module level: the train step runs on a bare JAX install (the
 input pipeline, which uses TFDS, is imported when a run starts).
@@ -12,15 +11,10 @@ input pipeline, which uses TFDS, is imported when a run starts).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
-import math
 import os
-import queue
-import signal
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -32,7 +26,11 @@ import optax
 import orbax.checkpoint as ocp
 
 from nin_jax import device_input
+from nin_jax import guards
+from nin_jax import metrics_log
 from nin_jax import models
+from nin_jax import parallel
+from nin_jax import run_files
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
@@ -40,18 +38,6 @@ if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hos
 
 SCHEDULES = ('cosine', 'step', 'plateau', 'constant')
 State = dict[str, Any]  # {'step': int32 scalar, 'params': ..., 'opt_state': ..., 'nonfinite_step': int32}
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint of the current step was saved."""
-
-
-class Diverged(UserError):
-  """The loss or a gradient stopped being finite; the last good checkpoint is kept."""
-
-
-class DeadNet(UserError):
-  """Every gradient has been exactly zero for `DeadNetGuard.patience` steps."""
 
 
 # --- Durations -----------------------------------------------------------------------------------
@@ -203,137 +189,23 @@ def eval_step(params, batch: dict[str, jax.Array], *, model: models.NIN) -> dict
           'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}
 
 
-# --- Devices -------------------------------------------------------------------------------------
-
-def create_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every device of every process, process by process.
-
-  The order matters: process p's local batch is rows [p·B/P, (p+1)·B/P) of the global batch, and
-  `make_array_from_process_local_data` places it on p's devices in this order.
-  """
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  return jax.sharding.Mesh(np.array(devices), ('data',))
-
-
-def check_batch_size(batch_size: int, name: str) -> None:
-  devices, processes = jax.device_count(), jax.process_count()
-  if batch_size % devices:
-    raise UserError(f'{name}={batch_size} does not divide by the {devices} devices; use a '
-                    f'multiple of {devices} (e.g. {devices * max(1, round(batch_size / devices))})')
-  if batch_size % processes:
-    raise UserError(f'{name}={batch_size} does not divide by the {processes} processes')
+def step_functions(config: ml_collections.ConfigDict, model: models.NIN,
+                   image_shape: tuple[int, int, int], steps_per_epoch: int, num_steps: int
+                   ) -> tuple[Callable[..., State], Callable[..., Any], Callable[..., Any]]:
+  """The run's `create_train_state`, `train_step` and `eval_step`, bound to its model,
+  optimizer and schedule; unjitted (`parallel.jit_steps` jits them, here and in the benchmark)."""
+  learning_rate_fn = create_learning_rate_fn(config, num_steps)
+  abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+  )['params']
+  tx = create_optimizer(config, abstract_params, learning_rate_fn, steps_per_epoch, num_steps)
+  init_fn = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape)
+  step_fn = functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
+                              seed=config.seed)
+  return init_fn, step_fn, functools.partial(eval_step, model=model)
 
 
-def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.Sharding,
-                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
-  """Process-local numpy batches -> global sharded arrays, `size` batches ahead, on a thread.
-
-  The host prepares and transfers the next batches while the devices run the current step.
-  """
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-  q: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-  done = object()
-
-  def produce():
-    try:
-      for batch in batches:
-        if stop.is_set():
-          return
-        q.put(to_global(batch))
-    except BaseException as e:  # handed to the consumer, which raises it
-      q.put(e)
-    q.put(done)
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is done:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
-    while thread.is_alive():  # unblock a producer waiting on a full queue
-      with contextlib.suppress(queue.Empty):
-        q.get_nowait()
-      thread.join(timeout=0.05)
-
-
-# --- Files of a run ------------------------------------------------------------------------------
-# Only process 0 writes them. Each whole file is written to a temporary name and renamed, so a
-# crash never leaves one half-written; metrics.jsonl is appended line by line and, on resume,
-# cut back to the restored step (dropping any torn last line), so no step appears twice. A
-# checkpoint's custom metadata keeps the metrics of its steps not yet in a train record.
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-class MetricsLog:
-  """WORKDIR/metrics.jsonl plus clu's writers (TensorBoard event files and the log)."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    from clu import metric_writers  # clu pulls in TensorFlow for its summary writer
-    self.is_writer = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_writer, asynchronous=False)
-    if self.is_writer:
-      self._truncate(resume_step)
-
-  def _truncate(self, resume_step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line from a crash
-          continue
-        if record.get('step', 0) <= resume_step:
-          kept.append(json.dumps(record))
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(''.join(line + '\n' for line in kept))
-    os.replace(tmp, self.path)
-
-  def write(self, step: int, values: dict[str, float]) -> None:
-    self.writer.write_scalars(step, values)
-    if self.is_writer:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': step, **values}) + '\n')
-        f.flush()
-
-  def close(self) -> None:
-    self.writer.flush()
-    self.writer.close()
-
-
-def unlogged_metadata(window: list[dict[str, Any]]) -> dict[str, Any]:
-  """The steps' metrics not yet in a train record, for a checkpoint's custom metadata: a run
-  resumed from a step between records then averages the same steps in its first record."""
-  return {'unlogged_metrics': [{k: float(v) for k, v in m.items()}
-                               for m in jax.device_get(window)]}
-
-
-def restore_unlogged(checkpoints: ocp.CheckpointManager, step: int) -> list[dict[str, Any]]:
-  """`unlogged_metadata`'s metrics (float32, as the train step returns them) from a checkpoint."""
-  metadata = checkpoints.metadata(step).custom_metadata or {}
-  return [{k: np.float32(v) for k, v in m.items()} for m in metadata.get('unlogged_metrics', [])]
-
+# --- Data --------------------------------------------------------------------------------------
 
 def prepare_data(config: ml_collections.ConfigDict):
   """The run's data; generates the seed's characters first when the quickstart asks for them."""
@@ -354,7 +226,7 @@ def evaluate(eval_fn: Callable, params, batches: Iterator[dict[str, np.ndarray]]
              sharding) -> dict[str, float]:
   """Test metrics over one pass of `batches` (host batches, or the device path's draws)."""
   sums = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
-  for batch in prefetch_to_mesh(batches, sharding):
+  for batch in parallel.prefetch_to_mesh(batches, sharding):
     out = jax.device_get(eval_fn(params, batch))
     for k in sums:
       sums[k] += float(out[k])
@@ -364,38 +236,20 @@ def evaluate(eval_fn: Callable, params, batches: Iterator[dict[str, np.ndarray]]
           'test_error': 1.0 - accuracy, 'num_test_examples': int(sums['count'])}
 
 
-@contextlib.contextmanager
-def sigterm_flag() -> Iterator[threading.Event]:
-  """Sets the yielded event on SIGTERM (preemption) instead of dying mid-step.
-
-  Single-process only: with several processes each would stop at a different step and hang in
-  a collective save, so there JAX's preemption service decides, through Orbax's
-  `reached_preemption`, one step for all.
-  """
-  event = threading.Event()
-  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-    yield event
-    return
-  previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-  try:
-    yield event
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
   """Trains (or resumes training) in `workdir` and evaluates; returns the final train state.
 
-  Writes WORKDIR/checkpoints (Orbax), metrics.jsonl, TensorBoard events, config.json,
-  class_names.json, preprocessing.npz and, at the end, results.json.
+  Writes the files of `nin_jax.run_files` in WORKDIR: checkpoints (Orbax), metrics.jsonl,
+  TensorBoard events, config.json, class_names.json, preprocessing.npz and, at the end,
+  results.json.
   """
   start_time = time.time()
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
   # --- Input pipeline ---
-  check_batch_size(config.batch_size, 'batch_size')
-  check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  parallel.check_batch_size(config.batch_size, 'batch_size')
+  parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   data = prepare_data(config)
   steps_per_epoch = data.steps_per_epoch
   num_steps = total_steps(config, steps_per_epoch)
@@ -405,49 +259,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
   # --- Model and optimizer ---
   model = models.model_from_config(config)
-  learning_rate_fn = create_learning_rate_fn(config, num_steps)
-  abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, *data.image_shape)), train=False)
-  )['params']
-  tx = create_optimizer(config, abstract_params, learning_rate_fn, steps_per_epoch, num_steps)
+  functions = step_functions(config, model, data.image_shape, steps_per_epoch, num_steps)
 
   # --- Set up mesh ---
-  mesh = create_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  init_fn = jax.jit(functools.partial(create_train_state, model=model, tx=tx,
-                                      image_shape=data.image_shape), out_shardings=replicated)
-  step_fn = functools.partial(train_step, model=model, tx=tx, learning_rate_fn=learning_rate_fn,
-                              seed=config.seed)
-  eval_step_fn = functools.partial(eval_step, model=model)
+  mesh = parallel.create_mesh()
+  replicated, data_sharding = parallel.shardings(mesh)
   # The host sends either whole batches, or (device path) only their draws: the rows and
   # augmentation of each image, turned into the same batch on the devices inside the step.
   pipeline = device_input.choose_pipeline(config.input_pipeline, data)
+  steps = parallel.jit_steps(mesh, *functions, device_data=data if pipeline == 'device' else None)
+  init_fn, update_fn, eval_fn = steps.init, steps.train, steps.eval
   if pipeline == 'device':
-    arrays = device_input.put_on_devices(data, replicated)
-    make_train_batch, make_eval_batch = device_input.batch_makers(data)
-    device_update = jax.jit(
-        lambda state, draws, arrays: step_fn(state, make_train_batch(arrays, draws)),
-        in_shardings=(replicated, data_sharding, replicated),
-        out_shardings=(replicated, replicated), donate_argnums=0)
-    device_eval = jax.jit(
-        lambda params, draws, arrays: eval_step_fn(params, make_eval_batch(arrays, draws)),
-        in_shardings=(replicated, data_sharding, replicated), out_shardings=replicated)
-    update_fn = lambda state, draws: device_update(state, draws, arrays)
-    eval_fn = lambda params, draws: device_eval(params, draws, arrays)
     train_inputs = lambda start: map(data.train_draws, itertools.count(start))
     eval_inputs = data.eval_draws
   else:
-    update_fn = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
-                        out_shardings=(replicated, replicated), donate_argnums=0)
-    eval_fn = jax.jit(eval_step_fn, in_shardings=(replicated, data_sharding),
-                      out_shardings=replicated)
     train_inputs, eval_inputs = data.train_batches, data.eval_batches
   logging.info('Input pipeline: %s', pipeline)
 
   # --- Load checkpoint ---
   checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS)),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            cleanup_tmp_directories=True))
   init_batch = init_images(config, data)
@@ -475,10 +306,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # Written once the workdir's checkpoint (if any) is known to fit, so that a refused resume
   # leaves the config.json of the run that made it.
   if is_writer:
-    write_json_atomic(os.path.join(workdir, 'config.json'),
-                      json.loads(config.to_json_best_effort()))
-    write_json_atomic(os.path.join(workdir, 'class_names.json'), list(data.class_names))
-    data.preprocessor.save(os.path.join(workdir, 'preprocessing.npz'))
+    run_files.write_json_atomic(os.path.join(workdir, run_files.CONFIG),
+                                json.loads(config.to_json_best_effort()))
+    run_files.write_json_atomic(os.path.join(workdir, run_files.CLASS_NAMES),
+                                list(data.class_names))
+    data.preprocessor.save(os.path.join(workdir, run_files.PREPROCESSING))
 
   num_params = models.count_params(state['params'])
   logging.info('%s: %d parameters, %d classes, %d train / %d test images, %d steps '
@@ -488,23 +320,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                jax.process_count())
 
   # --- Train loop ---
-  log = MetricsLog(workdir, start_step)
+  log = metrics_log.MetricsLog(workdir, start_step)
   progress = None
   if is_writer and config.progress_bar:
     from tqdm import tqdm
     progress = tqdm(total=num_steps, initial=start_step, unit='step', dynamic_ncols=True,
                     desc='train')
   chance_checked = False
-  dead_guard = DeadNetGuard(data.num_classes)
+  dead_guard = guards.DeadNetGuard(data.num_classes)
   window: list[dict[str, jax.Array]] = []
-  unlogged = restore_unlogged(checkpoints, start_step) if start_step else []  # steps before it
+  # The steps before start_step that its checkpoint kept, not yet in a train record.
+  unlogged = metrics_log.restore_unlogged(checkpoints, start_step) if start_step else []
   window_start = time.time()
   train_seconds, train_images = 0.0, 0
   eval_metrics = None
   step = start_step
   try:
-    with sigterm_flag() as preempted:
-      batches = prefetch_to_mesh(train_inputs(start_step), data_sharding)
+    with guards.sigterm_flag() as preempted:
+      batches = parallel.prefetch_to_mesh(train_inputs(start_step), data_sharding)
       for step in range(start_step + 1, num_steps + 1):
         state, metrics = update_fn(state, next(batches))
         window.append(metrics)
@@ -513,12 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           progress.update(1)
 
         if step % log_every == 0 or step == num_steps:
-          bad = int(state['nonfinite_step'])
-          if bad >= 0:
-            raise Diverged(
-                f'the loss or a gradient is not finite at step {bad + 1}; stopped. The last '
-                f'good checkpoint (step {checkpoints.latest_step()}) is kept. Lower '
-                f'learning_rate (now {config.learning_rate}) or check the data.')
+          guards.check_finite(state, checkpoints, config.learning_rate)
           fetched = unlogged + jax.device_get(window)
           elapsed = time.time() - window_start
           summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -532,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                                  acc=f"{summary['train_accuracy']:.3f}")
           if not chance_checked and step >= min(300, num_steps // 2):
             chance_checked = True
-            warn_if_at_chance(summary['train_loss'], data.num_classes, step)
+            guards.warn_if_at_chance(summary['train_loss'], data.num_classes, step)
           window, unlogged = [], []
           window_start = time.time()
 
@@ -545,14 +373,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
         if step % checkpoint_every == 0 or step == num_steps:
           checkpoints.save(step, args=ocp.args.StandardSave(state),
-                           custom_metadata=unlogged_metadata(unlogged + window))
+                           custom_metadata=metrics_log.unlogged_metadata(unlogged + window))
 
         if preempted.is_set() or checkpoints.reached_preemption(step):  # all processes agree
           if checkpoints.latest_step() != step:
             checkpoints.save(step, args=ocp.args.StandardSave(state), force=True,
-                             custom_metadata=unlogged_metadata(unlogged + window))
+                             custom_metadata=metrics_log.unlogged_metadata(unlogged + window))
           checkpoints.wait_until_finished()
-          raise Preempted(f'SIGTERM: saved the checkpoint of step {step} in {workdir}; '
+          raise guards.Preempted(f'SIGTERM: saved the checkpoint of step {step} in {workdir}; '
                           'run the same command again to resume')
   finally:
     if progress is not None:
@@ -572,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       'input_pipeline': pipeline,
   }
   if is_writer:
-    write_json_atomic(os.path.join(workdir, 'results.json'), results)
+    run_files.write_json_atomic(os.path.join(workdir, run_files.RESULTS), results)
   logging.info('Test accuracy %.4f (error %.2f%%) on %d images after %d steps',
                eval_metrics['test_accuracy'], 100 * eval_metrics['test_error'],
                eval_metrics['num_test_examples'], step)
@@ -581,50 +409,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           f"(error {100 * eval_metrics['test_error']:.2f}%) on "
           f"{eval_metrics['num_test_examples']} test images, step {step}", flush=True)
   return state
-
-
-class DeadNetGuard:
-  """Stops a run whose net is dead: every gradient exactly zero, step after step.
-
-  NIN's known failure (nin-reference.md, "stuck at chance"): when every class map is at or
-  below zero under the final ReLU, every logit is 0, the loss is ln C and no gradient reaches
-  any weight, so the net can never learn again. `update` is called every step with the step's
-  device metrics; every `every` steps it reads those of the steps dispatched `every` steps
-  earlier (already computed, so the devices are not stalled) and raises `DeadNet` once
-  `patience` steps in a row had a zero gradient: within about 40 steps of the death.
-  """
-
-  def __init__(self, num_classes: int, every: int = 10, patience: int = 20):
-    self.num_classes, self.every, self.patience = num_classes, every, patience
-    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
-    self.zero_steps = 0
-
-  def update(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.pending.append((step, {k: metrics[k] for k in ('train_loss', 'grad_norm')}))
-    if step % self.every or len(self.pending) <= self.every:
-      return
-    ready, self.pending = self.pending[:-self.every], self.pending[-self.every:]
-    for s, m in jax.device_get(ready):
-      self.zero_steps = self.zero_steps + 1 if m['grad_norm'] == 0 else 0
-      if self.zero_steps >= self.patience:
-        raise DeadNet(
-            f'the net is dead: every gradient has been exactly zero for {self.zero_steps} '
-            f'steps (to step {s}), loss {float(m["train_loss"]):.4f} (ln {self.num_classes} = '
-            f'{math.log(self.num_classes):.4f}). Every class map is at or below zero under the '
-            'final ReLU, so every logit is 0 and nothing can learn again; stopped. Start it '
-            "alive with init='data', which starts every class map well above zero, or use a "
-            'lower learning_rate or a longer warmup_fraction (docs/recipes.md)')
-
-
-def warn_if_at_chance(train_loss: float, num_classes: int, step: int) -> bool:
-  """The known NIN failure: loss frozen at ln C (often a dead final ReLU before the GAP)."""
-  chance = math.log(num_classes)
-  if abs(train_loss - chance) < 0.02 * chance:
-    logging.warning(
-        'Training loss %.4f at step %d is still ln(%d) = %.4f: the net predicts chance. Likely '
-        'causes: a dead final ReLU before global average pooling (all class maps zero), a '
-        'learning rate too high for this init (try a lower learning_rate or warmup), or an init '
-        "too small to move (init='paper'; try init='data').", train_loss, step, num_classes,
-        chance)
-    return True
-  return False

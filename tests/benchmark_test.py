@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import benchmark, models
+from nin_jax import benchmark, convs, models
 from nin_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def test_run_benchmark_reports_every_field(mode):
   assert JSON_KEYS <= set(result)
   assert result['mode'] == mode and result['model'] == 'nin_cifar'
   assert result['batch_size'] == 4 and result['dtype'] == 'float32'
-  assert result['conv_impl'] == models.resolve_conv_impl('auto')
+  assert result['conv_impl'] == convs.resolve_conv_impl('auto')
   assert result['backend'] == jax.default_backend()
   assert result['device_count'] == jax.device_count()
   assert result['image_shape'] == [12, 12, 3]
@@ -46,6 +46,22 @@ def test_train_step_learns():
                                     dropout_rate=0.0, **TINY)
   losses = [float(bench.run()) for _ in range(15)]
   assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_the_timed_step_is_built_from_the_training_config():
+  """A change to the config's optimizer (weight decay, per-layer rates) changes the timed
+  step's losses: the benchmark times `train.train_step` with the config's optimizer."""
+  def losses(**config_overrides):
+    return benchmark.train_losses('nin_cifar', batch_size=8, steps=5, image_size=12,
+                                  dropout_rate=0.0, config_overrides=config_overrides, **TINY)
+
+  default = losses()
+  assert benchmark.default_config().weight_decay == 5e-4  # what `default` ran with
+  for changed in (losses(weight_decay=0.05), losses(lr_multipliers='none')):
+    assert changed[0] == default[0]  # the same net and batch before the first update
+    assert abs(changed[-1] - default[-1]) > 1e-3, (changed, default)
+  with pytest.raises(UserError, match="no field 'weight_decy'"):
+    losses(weight_decy=0.0)
 
 
 def test_host_and_device_input_paths_feed_the_same_new_batch_every_step():
@@ -103,10 +119,12 @@ def test_bad_settings_are_user_errors():
     benchmark.run_benchmark('eval', 'nin_small', batch_size=2, steps=1, conv_impl='fast')
 
 
-def run_cli(*args, devices=1, timeout=240):
+def run_cli(*args, devices=1, timeout=240, hide=()):
   """Runs `python -m nin_jax.benchmark ARGS` in a fresh process that reports, after the CLI
-  exits, whether PIL and TensorFlow were imported (the accelerator machines have neither)."""
+  exits, whether PIL and TensorFlow were imported (the accelerator machines have neither).
+  The modules in `hide` cannot be imported there (as if not installed)."""
   code = ('import runpy, sys\n'
+          f'sys.modules.update(dict.fromkeys({list(hide)!r}))\n'
           f'sys.argv = ["nin_jax.benchmark", *{list(args)!r}]\n'
           'try:\n'
           '  runpy.run_module("nin_jax.benchmark", run_name="__main__", alter_sys=True)\n'
@@ -139,8 +157,10 @@ def test_cli_prints_one_json_line_last_without_tensorflow_on_two_devices():
 
 
 def test_cli_device_input_path_on_two_devices_needs_neither_pil_nor_tensorflow():
+  # Nor ml_collections: the default config is read with a stand-in, as on the accelerators.
   proc = run_cli('train', '--model', '_nin_tiny', '--batch_size', '4', '--steps', '2',
-                 '--image_size', '8', '--input', 'device', '--num_images', '32', devices=2)
+                 '--image_size', '8', '--input', 'device', '--num_images', '32', devices=2,
+                 hide=('ml_collections',))
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
   assert lines[-2:] == ['PIL_IMPORTED False', 'TENSORFLOW_IMPORTED False']

@@ -1,5 +1,7 @@
-"""Shared test fixtures: small image folders and a runner for the training CLI."""
+"""Shared test helpers: small image folders, a reference image shift, and a runner for the
+training CLI."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -48,6 +50,16 @@ def blobs_folder(tmp_path_factory):
     images[i, r:r + h, c:c + w] = 250
   return write_folder(tmp_path_factory.mktemp('blobs'), images, labels,
                       ['horizontal', 'vertical', 'dot'])
+
+
+def reference_shift(image, dy, dx):
+  """out[y, x] = image[y - dy, x - dx], 0 outside: one pixel at a time, to check faster code."""
+  h, w = image.shape[:2]
+  out = np.zeros_like(image)
+  for y, x in itertools.product(range(h), range(w)):
+    if 0 <= y - dy < h and 0 <= x - dx < w:
+      out[y, x] = image[y - dy, x - dx]
+  return out
 
 
 def tiny_config(data_dir, **overrides):

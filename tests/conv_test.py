@@ -1,4 +1,4 @@
-"""The k×k convolution's implementations compute one function: values and gradients.
+"""nin_jax.convs: the k×k convolution's implementations compute one function: values and gradients.
 
 Reference: `jax.lax.conv_general_dilated` in float64-free float32, the same numbers PyTorch's
 Conv2d gives (benchmarks/compare_pytorch.py checks that end to end).
@@ -6,13 +6,12 @@ Conv2d gives (benchmarks/compare_pytorch.py checks that end to end).
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nin_jax import models
+from nin_jax import convs, models
 from nin_jax.errors import UserError
 
 IMPLS = ('xla', 'im2col', 'hybrid', 'fft')
@@ -62,7 +61,7 @@ CASES = [  # (c_in, k, stride, padding)
     (impl, *case) for impl in IMPLS for case in CASES
     if impl != 'fft' or case[2] == 1])  # conv_fft computes stride-1 convolutions only
 def test_value_and_gradients_match_lax_conv(impl, c_in, k, stride, padding):
-  y, loss, (dx, dk) = value_loss_and_grads(models.CONV_FUNCTIONS[impl], c_in, k, stride, padding)
+  y, loss, (dx, dk) = value_loss_and_grads(convs.CONV_FUNCTIONS[impl], c_in, k, stride, padding)
   y_ref, loss_ref, (dx_ref, dk_ref) = reference(c_in, k, stride, padding)
   assert y.shape == y_ref.shape
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -73,7 +72,7 @@ def test_value_and_gradients_match_lax_conv(impl, c_in, k, stride, padding):
 
 def test_im2col_feature_order_is_row_col_channel():
   x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
-  patches = models.im2col(x, kernel_size=3, stride=1, padding=1)
+  patches = convs.im2col(x, kernel_size=3, stride=1, padding=1)
   assert patches.shape == (2, 4, 4, 27)
   padded = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
   # The patch at output (1, 2) is the 3×3 window whose top-left corner is padded (1, 2).
@@ -84,7 +83,7 @@ def test_im2col_feature_order_is_row_col_channel():
 
 def test_im2col_with_stride_matches_window_starts():
   x = jax.random.normal(jax.random.key(1), (1, 7, 7, 2))
-  patches = models.im2col(x, kernel_size=3, stride=2, padding=0)
+  patches = convs.im2col(x, kernel_size=3, stride=2, padding=0)
   assert patches.shape == (1, 3, 3, 18)
   np.testing.assert_array_equal(patches[0, 2, 1], np.asarray(x)[0, 4:7, 2:5, :].reshape(-1))
 
@@ -92,17 +91,17 @@ def test_im2col_with_stride_matches_window_starts():
 def test_fft_conv_refuses_strides():
   x, kernel, _ = random_case(20, 3)
   with pytest.raises(ValueError, match='stride-1'):
-    models.conv_fft(x, kernel, 2, 1)
+    convs.conv_fft(x, kernel, 2, 1)
 
 
 def test_fft_is_used_only_where_it_pays():
-  assert models.fft_pays(5, 1, 96)          # the CIFAR net's conv2
-  assert not models.fft_pays(5, 1, 3)       # its conv1: 3 input channels
-  assert not models.fft_pays(3, 1, 192)     # its conv3: 3×3
-  assert not models.fft_pays(11, 4, 96)     # strided (ImageNet's conv1)
+  assert convs.fft_pays(5, 1, 96)          # the CIFAR net's conv2
+  assert not convs.fft_pays(5, 1, 3)       # its conv1: 3 input channels
+  assert not convs.fft_pays(3, 1, 192)     # its conv3: 3×3
+  assert not convs.fft_pays(11, 4, 96)     # strided (ImageNet's conv1)
 
   def ffts(c_in):
-    module = models.Conv(6, 5, padding=2, impl='fft')
+    module = convs.Conv(6, 5, padding=2, impl='fft')
     x = jnp.ones((1, 8, 8, c_in))
     params = module.init(jax.random.key(0), x)
     return jax.jit(module.apply).lower(params, x).compile().as_text().count(' fft(')
@@ -112,17 +111,17 @@ def test_fft_is_used_only_where_it_pays():
 
 
 def test_resolve_conv_impl():
-  assert models.resolve_conv_impl('auto') == (
+  assert convs.resolve_conv_impl('auto') == (
       'fft' if jax.default_backend() == 'cpu' else 'xla')
   for impl in IMPLS:
-    assert models.resolve_conv_impl(impl) == impl
+    assert convs.resolve_conv_impl(impl) == impl
   with pytest.raises(UserError, match='conv_impl'):
-    models.resolve_conv_impl('cudnn')
+    convs.resolve_conv_impl('cudnn')
 
 
 @functools.lru_cache(maxsize=None)
 def conv_module_grads(impl, dtype, k=5, stride=1, padding=2, c_in=16, features=6):
-  module = models.Conv(features, k, stride=stride, padding=padding, impl=impl, dtype=dtype)
+  module = convs.Conv(features, k, stride=stride, padding=padding, impl=impl, dtype=dtype)
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, c_in))
   params = module.init(jax.random.key(3), x)['params']
   y, vjp = jax.vjp(lambda p, x: module.apply({'params': p}, x), params, x)
@@ -154,7 +153,7 @@ def test_conv_module_bfloat16_computes_in_bf16_keeps_f32_params(impl):
 
 
 def test_one_by_one_conv_is_a_product_over_channels():
-  module = models.Conv(3, 1)
+  module = convs.Conv(3, 1)
   x = jax.random.normal(jax.random.key(4), (2, 3, 3, 5))
   params = module.init(jax.random.key(5), x)['params']
   y = module.apply({'params': params}, x)
@@ -198,7 +197,7 @@ def test_whole_net_trains_the_same_with_the_cpu_variants(impl):
 def test_hybrid_first_layer_needs_no_input_gradient():
   """The first layer's input gradient (of the images) is never computed: XLA drops it."""
   x, kernel, _ = random_case(3, 5)
-  grad = jax.jit(jax.grad(lambda k: jnp.sum(models.conv_hybrid(x, k, 1, 2) ** 2)))
+  grad = jax.jit(jax.grad(lambda k: jnp.sum(convs.conv_hybrid(x, k, 1, 2) ** 2)))
   hlo = grad.lower(kernel).compile().as_text()
   # Only the forward convolution remains; its input-gradient twin (a second one) is gone.
   assert hlo.count('convolution(') == 1

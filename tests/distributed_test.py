@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, config_flags, read_metrics, tiny_config
-from nin_jax import main
+from nin_jax import runtime
 from nin_jax.errors import UserError
 
 # Environment variables through which JAX (or a launcher) would detect a cluster.
@@ -148,9 +148,9 @@ def two_processes(blobs_folder, tmp_path_factory):
 _PROBE = '''
 import json, time
 import jax
-from nin_jax import main
+from nin_jax import runtime
 start = time.time()
-joined = main.initialize_distributed()
+joined = runtime.initialize_distributed()
 print(json.dumps({'joined': joined, 'initialized': jax.distributed.is_initialized(),
                   'processes': jax.process_count(), 'seconds': time.time() - start}))
 '''
@@ -179,20 +179,20 @@ def test_a_detected_cluster_is_joined_without_flags():
 
 
 def test_distributed_flags_are_checked():
-  main.check_distributed_flags('10.0.0.1:12355', 4, 3)
-  main.check_distributed_flags(None, None, None)
+  runtime.check_distributed_flags('10.0.0.1:12355', 4, 3)
+  runtime.check_distributed_flags(None, None, None)
   for args, culprit in [(('10.0.0.1', 2, 0), '--coordinator_address'),
                         (('10.0.0.1:99999', 2, 0), '--coordinator_address'),
                         (('10.0.0.1:12355', 0, 0), '--num_processes'),
                         (('10.0.0.1:12355', 2, 2), '--process_id'),
                         (('10.0.0.1:12355', 2, -1), '--process_id')]:
     with pytest.raises(UserError, match=culprit):
-      main.check_distributed_flags(*args)
+      runtime.check_distributed_flags(*args)
   with socket.create_server(('127.0.0.1', 0)) as busy:  # JAX 0.10 would segfault on it
     port = busy.getsockname()[1]
     with pytest.raises(UserError, match=f'port {port} is in use'):
-      main.check_distributed_flags(f'127.0.0.1:{port}', 2, 0)
-    main.check_distributed_flags(f'127.0.0.1:{port}', 2, 1)  # only process 0 serves on it
+      runtime.check_distributed_flags(f'127.0.0.1:{port}', 2, 0)
+    runtime.check_distributed_flags(f'127.0.0.1:{port}', 2, 1)  # only process 0 serves on it
 
 
 def test_missing_flags_outside_a_cluster_are_a_one_line_error(blobs_folder, tmp_path):

@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import reference_shift
 from experiments import default
+from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import preprocessing
 from nin_jax.errors import UserError
@@ -126,29 +128,6 @@ def test_split_smaller_than_one_batch():
   assert len(ids) == 8 and set(ids) == set(range(5))
 
 
-def _reference_shift(image, dy, dx):
-  h, w = image.shape[:2]
-  out = np.zeros_like(image)
-  for y, x in itertools.product(range(h), range(w)):
-    if 0 <= y - dy < h and 0 <= x - dx < w:
-      out[y, x] = image[y - dy, x - dx]
-  return out
-
-
-def test_translate_and_flip_matches_reference():
-  images = np.random.default_rng(0).random((4, 5, 7, 2)).astype(np.float32)
-  shifts = np.array([[0, 0], [2, -1], [-2, 2], [1, 0]])
-  flips = np.array([False, True, False, True])
-  out = input_pipeline.translate_and_flip(images, shifts, flips)
-  for i in range(4):
-    expected = _reference_shift(images[i], *shifts[i])
-    np.testing.assert_array_equal(out[i], expected[:, ::-1] if flips[i] else expected)
-  rows = np.array([3, 3, 0])
-  gathered = input_pipeline.translate_and_flip(images, shifts[:3], flips[:3], rows)
-  np.testing.assert_array_equal(gathered, input_pipeline.translate_and_flip(
-      images[rows], shifts[:3], flips[:3]))
-
-
 @pytest.mark.parametrize('augment, may_flip', [('translate', False), ('translate_flip', True)])
 def test_augment_modes(augment, may_flip):
   data = _arrays_data(augment=augment, translate_pixels=2, batch_size=48)
@@ -158,8 +137,8 @@ def test_augment_modes(augment, may_flip):
   flipped = shifted = 0
   for a, p in zip(augmented, plain):
     candidates = {(dy, dx, f) for dy, dx in shifts for f in (False, True)
-                  if np.array_equal(a, _reference_shift(p, dy, dx)[:, ::-1] if f
-                                    else _reference_shift(p, dy, dx))}
+                  if np.array_equal(a, reference_shift(p, dy, dx)[:, ::-1] if f
+                                    else reference_shift(p, dy, dx))}
     assert candidates, 'an augmented image is no shift (or mirror) of its source'
     flipped += all(f for _, _, f in candidates)
     shifted += all((dy, dx) != (0, 0) for dy, dx, _ in candidates)
@@ -478,7 +457,7 @@ def test_imagenet_loads_when_small_and_stops_clearly_when_too_big(tmp_path, monk
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     data = _create(config)
     assert data.num_train_examples == 6 and data.image_shape == (16, 16, 3)
-    monkeypatch.setattr(input_pipeline, 'IN_MEMORY_MAX_BYTES', 1000)
+    monkeypatch.setattr(datasets, 'IN_MEMORY_MAX_BYTES', 1000)
     with pytest.raises(UserError, match='does not fit this in-memory pipeline'):
       _create(config)
 

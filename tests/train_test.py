@@ -1,4 +1,4 @@
-"""Tests for nin_jax.train and nin_jax.main: the trainer, its files, resume and failures."""
+"""Tests for nin_jax.train, guards and main: the trainer, its files, resume and failures."""
 
 import glob
 import importlib
@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from conftest import REPO, read_metrics, run_main, tiny_config
-from nin_jax import train
+from nin_jax import guards, train
 from nin_jax.errors import UserError
 
 EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments', '*.py'))
@@ -282,17 +282,17 @@ def test_bad_settings_are_one_line_errors(blobs_folder, tmp_path, flag, message)
 
 
 def test_chance_level_watch():
-  assert train.warn_if_at_chance(math.log(10) + 0.001, 10, 300)
-  assert not train.warn_if_at_chance(1.2, 10, 300)
+  assert guards.warn_if_at_chance(math.log(10) + 0.001, 10, 300)
+  assert not guards.warn_if_at_chance(1.2, 10, 300)
 
 
 def _guard_steps(grad_norms):
   """Feeds a DeadNetGuard one step per gradient norm; the step it raised at, or None."""
-  guard = train.DeadNetGuard(num_classes=10)
+  guard = guards.DeadNetGuard(num_classes=10)
   for step, g in enumerate(grad_norms, start=1):
     try:
       guard.update(step, {'train_loss': np.float32(math.log(10)), 'grad_norm': np.float32(g)})
-    except train.DeadNet as e:
+    except guards.DeadNet as e:
       assert 'class map' in str(e) and "init='data'" in str(e)
       return step
   return None

@@ -1,0 +1,102 @@
+"""Augmentation: random translation and horizontal flip, in numpy (host) and jnp (devices).
+
+config.augment is 'none', 'translate' (shift each image by up to config.translate_pixels in y
+and in x, zero fill) or 'translate_flip' (and mirror half of them left-right). `moves` is the
+one place that reads the setting. The draws of a batch come from `Data.train_draws`; the host
+path applies them with `translate_and_flip`, the device path with its jnp twin
+`translate_and_flip_jnp`, so both give the same batches (tests/device_input_test.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nin_jax.errors import UserError
+
+AUGMENTS = ('none', 'translate', 'translate_flip')
+
+
+def moves(augment: str) -> tuple[bool, bool]:
+  """(translates, flips): what the augment setting does to a training image."""
+  if augment not in AUGMENTS:
+    raise UserError(f'config.augment={augment!r} is not one of {", ".join(AUGMENTS)}')
+  return augment != 'none', augment == 'translate_flip'
+
+
+def draw(rng: np.random.Generator, augment: str, batch_size: int,
+         translate_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+  """(shifts int (B, 2) the (dy, dx) of each image, flips bool (B,)); zero where `augment`
+  does not translate or flip. Both are always drawn, so the stream is the same for every
+  setting."""
+  t = translate_pixels
+  shifts = rng.integers(-t, t + 1, size=(batch_size, 2))
+  flips = rng.random(batch_size) < 0.5
+  translates, mirrors = moves(augment)
+  if not translates:
+    shifts = np.zeros_like(shifts)
+  if not mirrors:
+    flips = np.zeros_like(flips)
+  return shifts, flips
+
+
+def translate_and_flip(images: np.ndarray, shifts: np.ndarray, flips: np.ndarray,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+  """Shifts each image by whole pixels (zero fill), then mirrors some of them left-right.
+
+  out[i, y, x] = images[rows[i], y - dy_i, x - dx_i] (0 outside), mirrored in x where flips[i].
+  Zero is the training mean after 'standardize' and 'gcn_zca', so the filled border looks like
+  an average pixel, not like a black frame. Gathering `rows` here, straight from the whole
+  split, writes each batch pixel once: the batch array is the only new memory (fresh pages
+  are a large part of the cost on a busy two-core host), and 128 CIFAR images take ~1 ms.
+
+  Args:
+    images: float32 (N, H, W, C), already preprocessed.
+    shifts: int (B, 2), (dy, dx) with |dy| < H and |dx| < W.
+    flips: bool (B,), mirror these images.
+    rows: int (B,), which images; None: all of them, in order (B = N).
+
+  Returns:
+    float32 (B, H, W, C), a new array.
+  """
+  rows = np.arange(len(images)) if rows is None else rows
+  _, h, w, c = images.shape
+  out = np.zeros((len(rows), h, w, c), images.dtype)
+  for i, (row, (dy, dx), flip) in enumerate(zip(rows.tolist(), shifts.tolist(), flips.tolist())):
+    image = images[row]
+    if flip:  # mirror(shift(x, dx)) = shift(mirror(x), -dx)
+      image, dx = image[:, ::-1], -dx
+    out[i, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
+        image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)])
+  return out
+
+
+def translate_and_flip_jnp(images: jax.Array, shifts: jax.Array, flips: jax.Array | None,
+                           max_shift: int) -> jax.Array:
+  """`translate_and_flip` on the devices, with |dy|, |dx| <= max_shift. flips=None: no image
+  is mirrored; max_shift=0: none is shifted. Either way the step makes no pass over the batch
+  for what is not done.
+
+  Each image is mirrored first and then shifted by -dx (the same thing), as a window of the
+  zero-padded image at a per-image offset.
+  """
+  _, h, w, c = images.shape
+  dy, dx = shifts[:, 0], shifts[:, 1]
+  if flips is not None:
+    images = jnp.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    dx = jnp.where(flips, -dx, dx)
+  if max_shift == 0:
+    return images
+  t = max_shift
+  padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
+  window = lambda image, dy, dx: jax.lax.dynamic_slice(image, (t - dy, t - dx, 0), (h, w, c))
+  return jax.vmap(window)(padded, dy, dx)
+
+
+def augment_jnp(augment: str, images: jax.Array, shifts: jax.Array, flips: jax.Array,
+                translate_pixels: int) -> jax.Array:
+  """The device path's augmentation of a preprocessed batch, float32 (B, H, W, C)."""
+  translates, mirrors = moves(augment)
+  return translate_and_flip_jnp(images, shifts, flips if mirrors else None,
+                                translate_pixels if translates else 0)

@@ -1,0 +1,393 @@
+"""Datasets: the TFDS datasets of the paper and class-per-folder images, decoded to uint8 arrays.
+
+Every dataset is decoded once, whole, into host memory as uint8 (CIFAR-10: 150 MiB; SVHN train +
+extra: 1.8 GiB; EMNIST byclass: 550 MiB); `nin_jax.input_pipeline` makes the batches of it.
+Nothing is downloaded, ever: a TFDS dataset must be prepared beforehand.
+
+TensorFlow and TFDS are imported only inside `_load_tfds`, PIL only when image files are read:
+the models, the train step and the prediction tools import this module without them.
+
+  arrays, class_names, cache_dir = load(config)  # arrays: train/test images (uint8), labels
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import string
+from typing import TYPE_CHECKING
+
+from absl import logging
+import numpy as np
+
+from nin_jax.errors import UserError
+
+if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
+  import ml_collections
+
+TFDS_DATASETS = ('cifar10', 'cifar100', 'svhn_cropped', 'mnist', 'emnist/byclass')
+DATASETS = ('folder', *TFDS_DATASETS, 'imagenet2012')
+# The decoded uint8 images of a split must fit in half of this machine's memory: ImageNet at
+# 224x224 (193 GB) stops with a clear message while loading instead of running out of memory.
+IN_MEMORY_MAX_BYTES = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
+# Fitted gcn_zca statistics are cached here, under the data's root (a hidden folder, so the
+# folder dataset does not take it for a class).
+CACHE_FOLDER = '.nin_jax_cache'
+# Operating-system litter that is never an image and never an error.
+_IGNORED_NAMES = frozenset({'thumbs.db', 'desktop.ini', '__macosx'})
+_IMAGE_READ_THREADS = 4
+
+
+def load(config: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], list[str], str]:
+  """Decodes both splits of config.dataset.
+
+  Returns:
+    ({'train_images', 'test_images': uint8 (N, H, W, C), 'train_labels', 'test_labels': int32
+    (N,)}, the class names, the folder for cached preprocessing statistics).
+  """
+  if config.dataset == 'folder':
+    arrays, class_names = _load_folder(config)
+    return arrays, class_names, os.path.join(config.data_dir, CACHE_FOLDER)
+  arrays, class_names, root = _load_tfds(config)
+  return arrays, class_names, os.path.join(root, CACHE_FOLDER)
+
+
+# --- TFDS ---------------------------------------------------------------------------------------
+
+
+def _tfds_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  if config.dataset == 'svhn_cropped' and config.svhn_extra:
+    return 'train+extra', 'test'  # the paper trains on train + extra (minus a validation set)
+  if config.dataset == 'imagenet2012':
+    return 'train', 'validation'  # ImageNet's test labels are not public
+  return 'train', 'test'
+
+
+def _tfds_class_names(config: ml_collections.ConfigDict, label_feature) -> list[str]:
+  if config.dataset == 'emnist/byclass':
+    # TFDS names the 62 byclass labels '0'..'61'; they are the digits, then A-Z, then a-z.
+    return list(string.digits + string.ascii_uppercase + string.ascii_lowercase)
+  return list(label_feature.names)
+
+
+def _load_tfds(config: ml_collections.ConfigDict):
+  """Decodes both splits of a prepared TFDS dataset into uint8 arrays; never downloads."""
+  # Imported here: the folder path and the prediction tools should not pay TF's start-up.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  name = config.dataset
+  root = config.data_dir or tfds.core.constants.DATA_DIR
+  if config.data_dir and not os.path.isdir(config.data_dir):
+    raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
+                    f'folder holding the prepared {name} (or use \'\' for {root})')
+  builder = tfds.builder(name, data_dir=config.data_dir or None)
+  features = builder.info.features
+  native = tuple(features['image'].shape)
+  if name == 'emnist/byclass':
+    native = (native[1], native[0], native[2])
+  size, channels = config.image_size, config.image_channels
+  target = (size, size, channels)
+  if native != target:
+    logging.warning('%s images are %s; converting them to %s (config.image_size, '
+                    'config.image_channels)', name, native, target)
+
+  def convert(example):
+    image = example['image']
+    if name == 'emnist/byclass':
+      image = tf.transpose(image, [1, 0, 2])  # TFDS stores EMNIST transposed, as the source
+    if native[2] == 3 and channels == 1:
+      image = tf.image.rgb_to_grayscale(image)
+    elif native[2] == 1 and channels == 3:
+      image = tf.image.grayscale_to_rgb(image)
+    if native[:2] != (size, size):
+      image = tf.image.resize(image, (size, size), antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return image, example['label']
+
+  def load(split):
+    try:
+      dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError:  # TFDS's "could not find data in ...": not prepared
+      raise UserError(
+          f'TFDS dataset {name} is not prepared in {root} and runs never download; prepare it '
+          f'once with internet: python -c "import tensorflow_datasets as tfds; '
+          f"tfds.builder('{name}', data_dir='{root}').download_and_prepare()\" "
+          f'(or copy a prepared {name}/ folder into {root}, or set --config.data_dir)') from None
+    dataset = dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
+    images, labels, size_bytes = [], [], 0
+    try:
+      for image_batch, label_batch in tfds.as_numpy(dataset):
+        images.append(image_batch)
+        labels.append(label_batch)
+        size_bytes += image_batch.nbytes
+        if size_bytes > IN_MEMORY_MAX_BYTES:
+          raise UserError(
+              f'{name} {split} does not fit this in-memory pipeline: more than '
+              f'{IN_MEMORY_MAX_BYTES / 2**30:.1f} GiB of uint8 images at {size}x{size} (half of '
+              'this machine\'s memory); a streaming pipeline for ImageNet-sized data is not '
+              'implemented yet')
+    except tf.errors.OpError as e:
+      raise UserError(f'TFDS dataset {name} in {root} is incomplete or corrupt '
+                      f'({e.message.splitlines()[0]}); delete {builder.data_dir} and prepare it '
+                      'again') from None
+    return (np.concatenate(images) if images else np.zeros((0, *target), np.uint8),
+            np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32))
+
+  train_split, test_split = _tfds_splits(config)
+  train_images, train_labels = load(train_split)
+  test_images, test_labels = load(test_split)
+  arrays = dict(train_images=train_images, train_labels=train_labels,
+                test_images=test_images, test_labels=test_labels)
+  return arrays, _tfds_class_names(config, features['label']), root
+
+# --- Image files --------------------------------------------------------------------------------
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+  """Maps 16-bit and float modes to 8-bit 'L' (PIL's own convert would clip them at 255)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.mode.startswith('I;16'):
+    array = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
+  elif image.mode == 'I':
+    array = np.asarray(image, dtype=np.float32)
+    if array.max(initial=0) > 255:
+      array = array / 257.0
+  elif image.mode == 'F':
+    array = np.asarray(image, dtype=np.float32)
+  else:
+    return image
+  return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode='L')
+
+
+def _to_channels(image: Image.Image, channels: int) -> Image.Image:
+  """Converts any PIL mode to 'L' (channels=1) or 'RGB' (channels=3).
+
+  Transparent images are composited over white, so a dark glyph drawn on a transparent
+  background stays a dark glyph (dropping the alpha channel would turn the background into
+  whatever colour the transparent pixels happen to hold, often black).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = _to_8bit(image)
+  if image.mode == 'P':
+    image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
+  elif image.mode in ('L', 'RGB') and 'transparency' in image.info:
+    image = image.convert('RGBA')
+  if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+    rgba = image.convert('RGBA')
+    background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(background, rgba)
+  return image.convert('L' if channels == 1 else 'RGB')
+
+
+@contextlib.contextmanager
+def strict_decoding():
+  """Makes PIL fail on truncated files while inside (and restores the setting after).
+
+  Some libraries (TFDS's image utilities among them) set PIL's process-wide
+  `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which silently fills the missing part of a cut file
+  with black; a training set must not take such a file for a good one. Callers that read files
+  in several threads enter this once around all of them, so the threads never race on it.
+  """
+  from PIL import ImageFile  # pylint: disable=g-import-not-at-top
+  previous = ImageFile.LOAD_TRUNCATED_IMAGES
+  ImageFile.LOAD_TRUNCATED_IMAGES = False
+  try:
+    yield
+  finally:
+    ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
+  """Reads one image file as the network sees it, for training and prediction alike.
+
+  Any size and mode PIL reads (PNG, JPEG, BMP, GIF first frame, 16-bit, palette, alpha) is
+  converted to `channels` (1: luma 'L', ITU-R 601; 3: RGB) and resized to a square
+  `image_size` x `image_size` with PIL's antialiased bilinear filter. The aspect ratio is not
+  kept (as Keras' `image_dataset_from_directory`): the seed's images are square already.
+
+  Args:
+    path: the image file.
+    image_size: output height and width.
+    channels: 1 or 3.
+
+  Returns:
+    uint8 array of shape (image_size, image_size, channels).
+
+  Raises:
+    UserError: naming the file, when it is not an image PIL can decode (corrupt, truncated,
+      not an image at all).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if channels not in (1, 3):
+    raise UserError(f'image_channels={channels}: must be 1 (grayscale) or 3 (RGB)')
+  try:
+    with strict_decoding(), Image.open(path) as image:
+      image.load()  # decode now: a truncated file fails here, not later
+      image = _to_channels(image, channels)
+      if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+      array = np.asarray(image, dtype=np.uint8)
+  except FileNotFoundError:
+    raise UserError(f'{path}: no such file') from None
+  except Exception as e:  # PIL raises many types on bad data (OSError, SyntaxError, struct.error…)
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(f'{path}: not a readable image ({reason}); replace or delete it') from None
+  return array.reshape(image_size, image_size, channels)
+
+
+# --- The folder dataset -------------------------------------------------------------------------
+
+
+def _ignored(name: str) -> bool:
+  return name.startswith('.') or name.lower() in _IGNORED_NAMES
+
+
+def _visible_entries(folder: str) -> list[str]:
+  return sorted(name for name in os.listdir(folder) if not _ignored(name))
+
+
+def _image_files(class_folder: str) -> list[str]:
+  """Every visible file under a class folder (sub-folders included), sorted."""
+  files = []
+  for parent, folders, names in os.walk(class_folder):
+    folders[:] = sorted(f for f in folders if not _ignored(f))
+    files.extend(os.path.join(parent, n) for n in sorted(names) if not _ignored(n))
+  return files
+
+
+def _class_folders(parent: str, root: str) -> list[str]:
+  """The sorted class folders of `parent`; loose files there are ignored with a warning."""
+  entries = _visible_entries(parent)
+  classes = [e for e in entries if os.path.isdir(os.path.join(parent, e))]
+  loose = [e for e in entries if e not in classes]
+  if loose:
+    logging.warning('%s: ignoring %d file(s) outside the class folders (e.g. %s)', parent,
+                    len(loose), loose[0])
+  if len(classes) < 2:
+    raise UserError(f'{parent}: found {len(classes)} class folder(s), need at least 2 '
+                    f'(layout: {root}/<class>/<images> or {root}/train/<class>/ + '
+                    f'{root}/test/<class>/)')
+  return classes
+
+
+def _read_images(files: list[str], config: ml_collections.ConfigDict) -> list[np.ndarray | None]:
+  """Decodes the files (None for a bad one when skip_bad_files, else UserError)."""
+  def read(path):
+    try:
+      return load_image(path, config.image_size, config.image_channels), None
+    except UserError as e:
+      return None, str(e)
+
+  # PIL releases the GIL while it decodes, so a few threads overlap the file reads and decoding.
+  with strict_decoding(), concurrent.futures.ThreadPoolExecutor(
+      _IMAGE_READ_THREADS) as pool:
+    results = list(pool.map(read, files))
+  errors = [error for _, error in results if error is not None]
+  if errors and not config.skip_bad_files:
+    more = f' (and {len(errors) - 1} more bad file(s))' if len(errors) > 1 else ''
+    raise UserError(f'{errors[0]}{more}; --config.skip_bad_files=True skips bad files')
+  for error in errors:
+    logging.warning('Skipping %s', error)
+  return [image for image, _ in results]
+
+
+def _read_classes(folders: list[str], config: ml_collections.ConfigDict
+                  ) -> list[tuple[list[str], np.ndarray]]:
+  """(relative file names, uint8 images) of the readable images of each class folder.
+
+  All folders are listed (and checked for emptiness) before any file is decoded, and all
+  files are decoded before a bad one stops the run, so one message counts every bad file.
+  """
+  listed = []
+  for folder in folders:
+    files = _image_files(folder)
+    if not files:
+      raise UserError(f'{folder}: empty class folder; add images or remove the folder')
+    listed.append(files)
+  images = iter(_read_images([f for files in listed for f in files], config))
+  classes = []
+  for folder, files in zip(folders, listed):
+    kept = [(os.path.relpath(f, folder), image) for f, image in zip(files, images)
+            if image is not None]
+    if not kept:
+      raise UserError(f'{folder}: no readable image in this class folder')
+    names, arrays = zip(*kept)
+    classes.append((list(names), np.stack(arrays)))
+  return classes
+
+
+def _held_out(names: list[str], fraction: float) -> np.ndarray:
+  """bool mask: the stratified, deterministic test share of one class.
+
+  The files are ordered by a hash of their name, and the first round(n * fraction) (at least
+  one, and never all) are held out: the same split on every machine and every run, and adding
+  a file moves no other file between the splits.
+  """
+  n = len(names)
+  num_test = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
+  order = sorted(range(n), key=lambda i: hashlib.sha1(names[i].encode()).hexdigest())
+  mask = np.zeros(n, bool)
+  mask[order[:num_test]] = True
+  return mask
+
+
+def _load_folder(config: ml_collections.ConfigDict):
+  """Reads ROOT/<class>/… (held-out split) or ROOT/train/<class>/… + ROOT/test/<class>/…."""
+  root = config.data_dir
+  if not root:
+    raise UserError("config.data_dir is empty; point it at the image folder "
+                    "(ROOT/<class>/<images>)")
+  if not os.path.isdir(root):
+    raise UserError(f'config.data_dir={root!r} is not a folder; point it at the image folder '
+                    '(ROOT/<class>/<images>)')
+  entries = {e for e in _visible_entries(root) if os.path.isdir(os.path.join(root, e))}
+  split_layout = {'train', 'test'} <= entries
+  if not split_layout and ('train' in entries or 'test' in entries):
+    have, missing = ('train', 'test') if 'train' in entries else ('test', 'train')
+    raise UserError(f'{root} has a {have}/ folder but no {missing}/ folder: add '
+                    f'{os.path.join(root, missing)}/<class>/ images, or put the class folders '
+                    f'directly in {root}')
+  train_images, train_labels, test_images, test_labels = [], [], [], []
+  if split_layout:
+    others = sorted(entries - {'train', 'test'})
+    if others:
+      logging.warning('%s: using train/ and test/, ignoring %s', root, ', '.join(others))
+    train_root, test_root = os.path.join(root, 'train'), os.path.join(root, 'test')
+    class_names = _class_folders(train_root, root)
+    test_classes = [c for c in _visible_entries(test_root)
+                    if os.path.isdir(os.path.join(test_root, c))]
+    unknown = [c for c in test_classes if c not in class_names]
+    if unknown:
+      raise UserError(f'{os.path.join(test_root, unknown[0])}: class not in {train_root}; '
+                      'test classes must also be training classes')
+    test_labelled = [(class_names.index(c), c) for c in sorted(test_classes)]
+    classes = _read_classes([os.path.join(train_root, c) for c in class_names]
+                            + [os.path.join(test_root, c) for _, c in test_labelled], config)
+    for label, (_, images) in enumerate(classes[:len(class_names)]):
+      train_images.append(images)
+      train_labels.append(np.full(len(images), label, np.int32))
+    for (label, _), (_, images) in zip(test_labelled, classes[len(class_names):]):
+      test_images.append(images)
+      test_labels.append(np.full(len(images), label, np.int32))
+  else:
+    class_names = _class_folders(root, root)
+    classes = _read_classes([os.path.join(root, c) for c in class_names], config)
+    for label, (names, images) in enumerate(classes):
+      held_out = _held_out(names, config.test_fraction)
+      train_images.append(images[~held_out])
+      train_labels.append(np.full(int((~held_out).sum()), label, np.int32))
+      test_images.append(images[held_out])
+      test_labels.append(np.full(int(held_out.sum()), label, np.int32))
+  if not sum(len(x) for x in test_images):
+    raise UserError(f'{root}: the test split is empty; add test images (a class needs at '
+                    'least 2 images for a held-out share)')
+  shape = (0, config.image_size, config.image_size, config.image_channels)
+  arrays = dict(
+      train_images=np.concatenate(train_images),
+      train_labels=np.concatenate(train_labels),
+      test_images=np.concatenate(test_images) if test_images else np.zeros(shape, np.uint8),
+      test_labels=np.concatenate(test_labels) if test_labels else np.zeros(0, np.int32))
+  return arrays, class_names

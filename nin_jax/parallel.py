@@ -1,0 +1,137 @@
+"""Data parallelism: the 1-D device mesh, its shardings, batches sent to it, steps jitted on it.
+
+Every device of every process is on one 'data' axis: parameters replicated, the global batch
+sharded on 'data', XLA inserting the gradient all-reduce. (That is what `jax.pmap` has become:
+since JAX 0.8 it is a thin wrapper over `jit` + `shard_map`, in maintenance mode.) Training
+(`nin_jax.train`) and the benchmark (`nin_jax.benchmark`) jit their steps here, the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from nin_jax import device_input
+from nin_jax.errors import UserError
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every device of every process, process by process.
+
+  The order matters: process p's local batch is rows [p·B/P, (p+1)·B/P) of the global batch, and
+  `make_array_from_process_local_data` places it on p's devices in this order.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return jax.sharding.Mesh(np.array(devices), ('data',))
+
+
+def check_batch_size(batch_size: int, name: str) -> None:
+  devices, processes = jax.device_count(), jax.process_count()
+  if batch_size % devices:
+    raise UserError(f'{name}={batch_size} does not divide by the {devices} devices; use a '
+                    f'multiple of {devices} (e.g. {devices * max(1, round(batch_size / devices))})')
+  if batch_size % processes:
+    raise UserError(f'{name}={batch_size} does not divide by the {processes} processes')
+
+
+def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.Sharding,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Process-local numpy batches -> global sharded arrays, `size` batches ahead, on a thread.
+
+  The host prepares and transfers the next batches while the devices run the current step.
+  """
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+  q: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def produce():
+    try:
+      for batch in batches:
+        if stop.is_set():
+          return
+        q.put(to_global(batch))
+    except BaseException as e:  # handed to the consumer, which raises it
+      q.put(e)
+    q.put(done)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    while thread.is_alive():  # unblock a producer waiting on a full queue
+      with contextlib.suppress(queue.Empty):
+        q.get_nowait()
+      thread.join(timeout=0.05)
+
+
+def shardings(mesh: jax.sharding.Mesh) -> tuple[jax.sharding.NamedSharding,
+                                                 jax.sharding.NamedSharding]:
+  """(replicated, batch-sharded): parameters and state on every device; batches split on 'data'."""
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's init, update and eval functions jitted over its mesh.
+
+  `init(rng, init_images) -> state`, replicated. `update(state, inputs, *extra) -> (state,
+  metrics)`, the state donated; `evaluate(params, inputs, *extra) -> sums`. `inputs` are global
+  batches, or (the device input path) their draws, which the step turns into the batch from the
+  dataset arrays in `extra`: an argument, never a constant folded into the program.
+  """
+  init: Callable[..., Any]
+  update: Any   # jitted: .lower(...) works, for the benchmark's compile time
+  evaluate: Any
+  extra: tuple[Any, ...] = ()
+
+  def train(self, state, inputs):
+    return self.update(state, inputs, *self.extra)
+
+  def eval(self, params, inputs):
+    return self.evaluate(params, inputs, *self.extra)
+
+
+def jit_steps(mesh: jax.sharding.Mesh, init_fn: Callable[..., Any], step_fn: Callable[..., Any],
+              eval_step_fn: Callable[..., Any], device_data=None) -> Steps:
+  """`init_fn`, `step_fn(state, batch)` and `eval_step_fn(params, batch)` jitted over `mesh`.
+
+  With `device_data` (an `input_pipeline.Data`: the device input path) its arrays are put on
+  every device and each step takes the batch's draws, gathered, preprocessed and augmented on
+  the devices (`nin_jax.device_input`); without, each step takes the batch itself.
+  """
+  replicated, sharded = shardings(mesh)
+  init = jax.jit(init_fn, out_shardings=replicated)
+  if device_data is None:
+    update = jax.jit(step_fn, in_shardings=(replicated, sharded),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step_fn, in_shardings=(replicated, sharded),
+                       out_shardings=replicated)
+    return Steps(init, update, evaluate)
+  arrays = device_input.put_on_devices(device_data, replicated)
+  make_train_batch, make_eval_batch = device_input.batch_makers(device_data)
+  update = jax.jit(
+      lambda state, draws, arrays: step_fn(state, make_train_batch(arrays, draws)),
+      in_shardings=(replicated, sharded, replicated),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  evaluate = jax.jit(
+      lambda params, draws, arrays: eval_step_fn(params, make_eval_batch(arrays, draws)),
+      in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
+  return Steps(init, update, evaluate, (arrays,))

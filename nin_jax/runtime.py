@@ -1,0 +1,111 @@
+"""What an entry point sets up before JAX runs anything: the malloc setting and the processes.
+
+Both CLIs (`nin_jax.main`, `nin_jax.benchmark`) call these first, in this order: the malloc
+setting must come before JAX's first computation, and `jax.distributed` before anything touches
+a device. Neither is done on import. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib.util
+import os
+import socket
+import sys
+
+from absl import logging
+import jax
+
+from nin_jax.errors import UserError
+
+# Packages that give JAX an accelerator; with none of them installed the backend is the CPU.
+_ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                        'jax_rocm7_plugin', 'libtpu')
+
+
+def keep_freed_memory() -> bool:
+  """On a CPU-only Linux host, makes glibc's malloc keep and reuse the memory XLA frees.
+
+  Why: XLA's CPU runtime allocates each step's temporaries as one large block, which glibc
+  serves with a fresh mmap and gives back with munmap, so every step pays again for page faults
+  and for zeroing the pages. With one malloc arena, no mmap and no trimming the memory is reused
+  instead; the cost is that the process keeps its peak memory, and fragmentation lets the heap
+  grow for the first few steps (docs/benchmarks.md, "malloc", has the figures). Must run before
+  JAX's first computation (XLA's threads pick their arena on first use); call it from entry
+  points only, never on import. Returns whether the setting was applied.
+  """
+  if sys.platform != 'linux':
+    return False
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  cpu_only = (platforms.split(',')[0] == 'cpu' if platforms else
+              not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS))
+  if not cpu_only:
+    return False
+  try:
+    mallopt = ctypes.CDLL('libc.so.6').mallopt
+  except (OSError, AttributeError):  # not glibc (e.g. musl)
+    return False
+  m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
+  return all(mallopt(option, value) == 1 for option, value in (
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1), (m_top_pad, 0)))
+
+
+# --- Several processes ---------------------------------------------------------------------------
+
+_DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def check_distributed_flags(coordinator_address: str | None, num_processes: int | None,
+                            process_id: int | None) -> None:
+  """Raises UserError for settings that JAX would reject with a traceback or a crash."""
+  if coordinator_address is not None:
+    host, _, port = coordinator_address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise UserError(f'--coordinator_address={coordinator_address!r}: expected HOST:PORT of '
+                      'process 0, e.g. 10.0.0.1:12355')
+    if process_id == 0:  # process 0 serves on the port; JAX 0.10 segfaults if it is taken
+      try:
+        socket.create_server(('', int(port)), family=socket.AF_INET6,
+                             dualstack_ipv6=socket.has_dualstack_ipv6()).close()
+      except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+          raise UserError(f'--coordinator_address={coordinator_address}: port {port} is in '
+                          'use on this host; give every process another free port') from e
+  if num_processes is not None and num_processes < 1:
+    raise UserError(f'--num_processes={num_processes}: must be at least 1')
+  if process_id is not None and (
+      process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+    raise UserError(f'--process_id={process_id}: must be in 0..{(num_processes or 1) - 1} '
+                    '(0..num_processes-1)')
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Joins a multi-process run; returns whether `jax.distributed` was initialized.
+
+  Must run before anything touches a JAX device. A setting left out (all three, usually) is
+  read by JAX from the cluster it detects: a Cloud TPU pod slice, a SLURM job step, Open MPI.
+  With none given and no cluster detected, JAX raises ValueError before it contacts anything
+  or starts any service, and the run is a plain single-process one.
+
+  On CPU, the processes' collectives (the gradient all-reduce) go through gloo over TCP,
+  JAX's default; it is set here should a user or a later default have turned it off.
+  """
+  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
+           'process_id': process_id}
+  given = {k: v for k, v in given.items() if v is not None}
+  check_distributed_flags(coordinator_address, num_processes, process_id)
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(**given)
+  except ValueError as e:  # a setting neither given nor found in a cluster environment
+    if not given:
+      logging.info('No cluster detected (%s): a single-process run.', e)
+      return False
+    missing = ', '.join(f'--{k}' for k in _DISTRIBUTED_FLAGS if k not in given)
+    raise UserError(f'{missing}: not given, and no cluster (TPU pod, SLURM, Open MPI) to read '
+                    f'them from: give all of --{", --".join(_DISTRIBUTED_FLAGS)}') from e
+  return True
