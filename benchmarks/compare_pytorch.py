@@ -9,8 +9,9 @@ turns — round 1: JAX, PyTorch; round 2: JAX, PyTorch; ... — so a machine sha
 slows both alike; the ratios are what to read. Same batch size, same random data, same thread
 count (`--threads`: PyTorch's intra-op threads; XLA's CPU client uses one thread per core, so
 the workers are also pinned to that many cores where the OS allows it). Training is the whole
-step (forward, backward, SGD momentum 0.9, softmax cross-entropy, dropout 0.5 on); eval is the
-forward pass, dropout off.
+step (forward, softmax cross-entropy, backward, and the update of training's recipe on both
+sides: SGD with momentum, weight decay on weights, the authors' per-layer rates; dropout 0.5 on);
+eval is the forward pass, dropout off.
 
 Before timing, `--check` (on by default) copies one set of weights into both nets and asserts
 that they compute the same logits and the same gradients: the PyTorch net here is an
@@ -125,7 +126,8 @@ def check_same_function(model_name: str = 'nin_cifar', num_classes: int = 10,
   torch.nn.functional.cross_entropy(t_logits, torch.from_numpy(labels)).backward()
 
   def rel(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(b)).max() + 1e-12))
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
 
   diffs = {'logits': rel(logits, t_logits.detach().numpy())}
   convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
@@ -143,6 +145,23 @@ def check_same_function(model_name: str = 'nin_cifar', num_classes: int = 10,
 
 
 # --- Workers: one process per framework, stepping on command --------------------------------------
+
+def authors_param_groups(net, config) -> list[dict[str, Any]]:
+  """`net`'s parameters in SGD groups with training's recipe: the config's rate, momentum and
+  weight decay, and the authors' per-layer rule of `models.lr_multipliers` and
+  `models.weight_decay_mask` (biases x2 without decay, the last cccp x0.1)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+  groups = []
+  for conv in convs:
+    weight_scale, bias_scale = (0.1, 0.1) if conv is convs[-1] else (1.0, 2.0)
+    for param, scale, decay in ((conv.weight, weight_scale, config.weight_decay),
+                                (conv.bias, bias_scale, 0.0)):
+      groups.append(dict(params=[param], lr=scale * config.learning_rate, weight_decay=decay,
+                         momentum=config.momentum))
+  return groups
+
 
 def _torch_worker(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
@@ -163,7 +182,7 @@ def _torch_worker(args) -> None:
     images = images.contiguous(memory_format=torch.channels_last)
   labels = torch.from_numpy(rng.integers(0, args.num_classes, args.batch_size))
   net(images[:1])
-  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+  opt = torch.optim.SGD(authors_param_groups(net, benchmark.default_config()), lr=0.0)
 
   def train_step():
     opt.zero_grad(set_to_none=True)
@@ -268,8 +287,8 @@ def machine_info(threads: int) -> dict[str, Any]:
       cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
   except (OSError, StopIteration):
     pass
-  return {'cpu': cpu, 'cores': os.cpu_count(), 'threads': threads, 'python': platform.python_version(),
-          'jax': jax.__version__, 'torch': torch.__version__}
+  return {'cpu': cpu, 'cores': os.cpu_count(), 'threads': threads,
+          'python': platform.python_version(), 'jax': jax.__version__, 'torch': torch.__version__}
 
 
 def compare(args) -> dict[str, Any]:
@@ -361,8 +380,10 @@ def main(argv=None) -> None:
     args.mode = mode
     result = compare(args)
     for label, ips in result['images_per_sec'].items():
-      print(f'{mode:5s} {label:12s} {ips:8.2f} images/s  {result["ratio_vs_torch"][label]:5.2f}x torch'
-            f'  {result["cpu_seconds_per_step"][label]:7.3f} CPU s/step', flush=True)
+      ratio = result['ratio_vs_torch'][label]
+      cpu_seconds = result['cpu_seconds_per_step'][label]
+      print(f'{mode:5s} {label:12s} {ips:8.2f} images/s  {ratio:5.2f}x torch  '
+            f'{cpu_seconds:7.3f} CPU s/step', flush=True)
     print(json.dumps(result), flush=True)
 
 

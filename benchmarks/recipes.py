@@ -53,7 +53,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
-# --- Data ------------------------------------------------------------------------------------------
+# --- Data ---------------------------------------------------------------------------------------
 
 def load_images(source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(uint8 (N, H, W, C) images, int32 labels, class names) of an npz, a folder or 'digits'."""

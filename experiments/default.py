@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'folder' (class-per-folder images in data_dir) or a TFDS name: 'cifar10', 'cifar100',
   # 'svhn_cropped', 'mnist', 'emnist/byclass', 'imagenet2012'.
   config.dataset = 'folder'
-  # TFDS data_dir, or the root of the folder dataset. '' means TFDS's default (~/tensorflow_datasets).
+  # TFDS data_dir, or the root of the folder dataset; '' is TFDS's default, ~/tensorflow_datasets.
   config.data_dir = 'data/chars'
   # Folder dataset only: write the seed's 62 characters here when the folder does not exist.
   config.generate_chars = True

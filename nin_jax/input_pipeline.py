@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import math
 import os
-import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -352,55 +351,3 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
                config.dataset, data.num_train_examples, data.num_test_examples,
                data.image_shape, data.num_classes, config.preprocess, time.time() - start)
   return data
-
-
-# --- Benchmark ----------------------------------------------------------------------------------
-
-
-def benchmark(config: ml_collections.ConfigDict, *, mock: bool, num_batches: int = 200,
-              mock_examples: int = 10_000) -> dict:
-  """Times the training batches alone (no model), on this host, one process.
-
-  Args:
-    config: the experiment's config.
-    mock: TFDS datasets only: random images from `tfds.testing.mock_data` instead of the
-      prepared dataset (the gcn_zca statistics of the mock data are cached in a temp folder).
-    num_batches: batches timed, after 3 untimed ones.
-    mock_examples: size of each mock split.
-
-  Returns:
-    {'images_per_sec', 'seconds_per_batch', 'load_seconds', 'batch_size', 'num_batches',
-     'num_train_examples', 'preprocessed_at_load', 'dataset', 'preprocess', 'augment'}
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; the caller's is intact
-  start = time.time()
-  if mock and config.dataset in datasets.TFDS_DATASETS:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    config.data_dir = os.path.join(tempfile.gettempdir(), 'nin_jax_benchmark_mock')
-    os.makedirs(config.data_dir, exist_ok=True)
-    with tfds.testing.mock_data(num_examples=mock_examples,
-                                policy=tfds.testing.MockPolicy.USE_CODE):
-      data = create_data(config, process_index=0, process_count=1)
-  else:
-    data = create_data(config, process_index=0, process_count=1)
-  load_seconds = time.time() - start
-  batches = data.train_batches()
-  for _ in range(3):
-    next(batches)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(batches)
-  seconds = time.perf_counter() - start
-  return {
-      'images_per_sec': num_batches * data.batch_size / seconds,
-      'seconds_per_batch': seconds / num_batches,
-      'load_seconds': load_seconds,
-      'batch_size': data.batch_size,
-      'num_batches': num_batches,
-      'num_train_examples': data.num_train_examples,
-      'preprocessed_at_load': data.preprocessed_at_load,
-      'dataset': config.dataset,
-      'preprocess': config.preprocess,
-      'augment': config.augment,
-  }

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hos
   import ml_collections
 
 SCHEDULES = ('cosine', 'step', 'plateau', 'constant')
-State = dict[str, Any]  # {'step': int32 scalar, 'params': ..., 'opt_state': ..., 'nonfinite_step': int32}
+# {'step': int32 scalar, 'params': ..., 'opt_state': ..., 'nonfinite_step': int32}
+State = dict[str, Any]
 
 
 # --- Durations -----------------------------------------------------------------------------------

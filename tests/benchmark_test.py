@@ -181,6 +181,16 @@ def test_cli_user_errors_are_one_line_exit_2():
   assert 'Traceback' not in proc.stderr
 
 
+def test_input_benchmark_times_the_pipeline_on_mock_data():
+  from experiments import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.update(dict(dataset='mnist', data_dir='', num_classes=10, preprocess='standardize',
+                     augment='translate', batch_size=16))
+  result = benchmark.input_benchmark(config, mock=True, num_batches=5, mock_examples=64)
+  assert result['images_per_sec'] > 0 and result['batch_size'] == 16
+  assert result['num_train_examples'] == 64 and config.data_dir == ''
+
+
 def test_pytorch_twin_computes_the_same_function():
   """benchmarks/compare_pytorch.py's independent PyTorch net: same logits, same gradients."""
   pytest.importorskip('torch')
@@ -195,3 +205,18 @@ def test_pytorch_twin_computes_the_same_function():
                                                 **overrides)
     assert len(diffs) == 1 + 2 * 9
     assert max(diffs.values()) < 1e-4, diffs
+  # Its optimizer has training's per-layer rule, parameter for parameter.
+  model = models.get_model('nin_cifar', 10, **TINY)
+  params = model.init(jax.random.key(0), np.zeros((1, 13, 13, 3), np.float32),
+                      train=False)['params']
+  net = compare_pytorch.torch_nin(model, 3)
+  config = benchmark.default_config()
+  groups = compare_pytorch.authors_param_groups(net, config)
+  flat = lambda tree: jax.tree.leaves(  # pylint: disable=g-long-lambda
+      [[tree[b][n][k] for n in sorted(tree[b], key=lambda n: (n != 'conv', n))
+        for k in ('kernel', 'bias')]
+       for b in sorted(tree, key=lambda b: int(b.removeprefix('mlpconv')))])
+  expected_lr = [config.learning_rate * m for m in flat(models.lr_multipliers(params))]
+  expected_decay = [config.weight_decay * m for m in flat(models.weight_decay_mask(params))]
+  assert [g['lr'] for g in groups] == pytest.approx(expected_lr)
+  assert [g['weight_decay'] for g in groups] == pytest.approx(expected_decay)

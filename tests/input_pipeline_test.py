@@ -460,11 +460,3 @@ def test_imagenet_loads_when_small_and_stops_clearly_when_too_big(tmp_path, monk
     monkeypatch.setattr(datasets, 'IN_MEMORY_MAX_BYTES', 1000)
     with pytest.raises(UserError, match='does not fit this in-memory pipeline'):
       _create(config)
-
-
-def test_benchmark_runs_on_mock_data():
-  config = _config(dataset='mnist', data_dir='', num_classes=10, preprocess='standardize',
-                   augment='translate', batch_size=16)
-  result = input_pipeline.benchmark(config, mock=True, num_batches=5, mock_examples=64)
-  assert result['images_per_sec'] > 0 and result['batch_size'] == 16
-  assert result['num_train_examples'] == 64 and config.data_dir == ''

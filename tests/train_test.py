@@ -18,7 +18,8 @@ from conftest import REPO, read_metrics, run_main, tiny_config
 from nin_jax import guards, train
 from nin_jax.errors import UserError
 
-EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments', '*.py'))
+EXPERIMENTS = sorted(os.path.basename(p)[:-3]
+                     for p in glob.glob(os.path.join(REPO, 'experiments', '*.py'))
                      if not p.endswith('__init__.py'))
 
 
@@ -274,7 +275,8 @@ def test_bad_settings_are_one_line_errors(blobs_folder, tmp_path, flag, message)
   result = subprocess.run(
       [sys.executable, '-m', 'nin_jax.main', '--config', 'experiments/default.py',
        '--workdir', str(tmp_path / 'run'), *config_flags(config), flag],
-      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
