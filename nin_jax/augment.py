@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nin_jax import settings
 from nin_jax.errors import UserError
 
-AUGMENTS = ('none', 'translate', 'translate_flip')
+AUGMENTS = settings.AUGMENTS
 
 
 def moves(augment: str) -> tuple[bool, bool]:

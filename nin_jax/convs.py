@@ -17,11 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nin_jax import settings
 from nin_jax.errors import UserError
 
 Initializer = Callable[..., jax.Array]
 
-CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid', 'fft')
+CONV_IMPLS = settings.CONV_IMPLS
 
 
 def resolve_conv_impl(impl: str) -> str:

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING
 from absl import logging
 import numpy as np
 
+from nin_jax import settings
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
   import ml_collections
 
-TFDS_DATASETS = ('cifar10', 'cifar100', 'svhn_cropped', 'mnist', 'emnist/byclass')
-DATASETS = ('folder', *TFDS_DATASETS, 'imagenet2012')
+DATASETS = settings.DATASETS
+# Decoded whole into memory (ImageNet has a path of its own).
+TFDS_DATASETS = tuple(name for name in settings.TFDS_CLASSES if name != 'imagenet2012')
 # The decoded uint8 images of a split must fit in half of this machine's memory: ImageNet at
 # 224x224 (193 GB) stops with a clear message while loading instead of running out of memory.
 IN_MEMORY_MAX_BYTES = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2

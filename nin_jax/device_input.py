@@ -29,9 +29,10 @@ import numpy as np
 
 from nin_jax import augment as augment_lib  # `augment` is the setting's name here
 from nin_jax import preprocessing
+from nin_jax import settings
 from nin_jax.errors import UserError
 
-INPUT_PIPELINES = ('auto', 'host', 'device')
+INPUT_PIPELINES = settings.INPUT_PIPELINES
 # 'auto' keeps a dataset on the devices when it needs at most this share of one device's memory
 # (the rest is for the model, its activations and XLA's workspace).
 AUTO_MAX_MEMORY_FRACTION = 0.25

@@ -40,6 +40,7 @@ from nin_jax import augment
 from nin_jax import datasets
 from nin_jax import device_input
 from nin_jax import preprocessing
+from nin_jax import settings
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
@@ -259,8 +260,11 @@ def _fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: st
   logging.info('Fitted %s on %d images in %.1f s', kind, len(train_images), time.time() - start)
   try:
     os.makedirs(cache_dir, exist_ok=True)
-    fitted.save(path)
-  except OSError as e:  # a read-only dataset folder only costs the refit next time
+    # Several processes may fit at once (the hosts of a pod): the first file written is the one
+    # every one of them uses.
+    fitted.save(path, replace=False)
+    return preprocessing.Preprocessor.load(path)
+  except (OSError, UserError) as e:  # a read-only dataset folder only costs the refit next time
     logging.warning('Could not cache the %s statistics in %s: %s', kind, path, e)
   return fitted
 
@@ -305,26 +309,6 @@ def data_from_arrays(config: ml_collections.ConfigDict, *, train_images: np.ndar
       process_count=process_count)
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Every setting the pipeline reads, checked before any file is opened."""
-  def choice(key, allowed):
-    if config[key] not in allowed:
-      raise UserError(f'config.{key}={config[key]!r} is not one of {", ".join(allowed)}')
-  choice('dataset', datasets.DATASETS)
-  choice('preprocess', preprocessing.KINDS)
-  choice('augment', augment.AUGMENTS)
-  choice('input_pipeline', device_input.INPUT_PIPELINES)
-  if config.image_channels not in (1, 3):
-    raise UserError(f'config.image_channels={config.image_channels}: must be 1 or 3')
-  if not 1 <= config.image_size <= 4096:
-    raise UserError(f'config.image_size={config.image_size}: must be in 1..4096')
-  if not 0 <= config.translate_pixels < config.image_size:
-    raise UserError(f'config.translate_pixels={config.translate_pixels}: must be in '
-                    f'0..image_size-1')
-  if config.dataset == 'folder' and not 0 < config.test_fraction < 1:
-    raise UserError(f'config.test_fraction={config.test_fraction}: must be between 0 and 1')
-
-
 def create_data(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                 process_count: int | None = None) -> Data:
   """Loads config.dataset, fits the preprocessing, and returns this process's batches.
@@ -337,7 +321,7 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
     UserError: a bad setting, a dataset that is not prepared, a bad image folder or file, or
       config.num_classes that disagrees with the data. Nothing is downloaded, ever.
   """
-  _check_config(config)
+  settings.validate(config, check_model=False)
   start = time.time()
   arrays, class_names, cache_dir = datasets.load(config)
   if len(class_names) != config.num_classes:

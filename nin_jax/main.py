@@ -16,12 +16,9 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
-from nin_jax import guards
-from nin_jax import runtime
-from nin_jax import train
+from nin_jax import settings
 from nin_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -47,6 +44,17 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:  # every setting, before JAX, TensorFlow or any data has loaded
+    settings.validate(FLAGS.config)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from nin_jax import guards
+  from nin_jax import runtime
+  from nin_jax import train
+  # pylint: enable=g-import-not-at-top
   # Before JAX's first computation (XLA's threads pick their malloc arena on first use).
   malloc_tuned = FLAGS.keep_freed_memory and runtime.keep_freed_memory()
   try:

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from nin_jax.convs import Conv, Initializer
+from nin_jax import settings
 from nin_jax.errors import UserError
 
-HEADS = ('gap', 'fc', 'fc_dropout')
-INITS = ('he', 'paper', 'data')
+HEADS = settings.HEADS
+INITS = settings.INITS
 # config.dtype's names: the dtype of activations and matmuls (parameters stay float32).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import queue
 import threading
 from typing import Any, Callable, Iterator
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -31,13 +33,33 @@ def create_mesh() -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), ('data',))
 
 
-def check_batch_size(batch_size: int, name: str) -> None:
-  devices, processes = jax.device_count(), jax.process_count()
-  if batch_size % devices:
-    raise UserError(f'{name}={batch_size} does not divide by the {devices} devices; use a '
-                    f'multiple of {devices} (e.g. {devices * max(1, round(batch_size / devices))})')
-  if batch_size % processes:
-    raise UserError(f'{name}={batch_size} does not divide by the {processes} processes')
+def batch_multiple() -> int:
+  """What every global batch must divide by: the devices, and the processes that feed them."""
+  return math.lcm(jax.device_count(), jax.process_count())
+
+
+def check_batch_size(batch_size: int) -> None:
+  """The training batch is part of the recipe: one that does not split evenly over the devices
+  stops the run with the nearest sizes that do, rather than being changed behind its back."""
+  multiple = batch_multiple()
+  if batch_size % multiple:
+    below, above = batch_size // multiple * multiple, -(-batch_size // multiple) * multiple
+    nearest = f'{below} or {above}' if below else f'{above}'
+    over = f'the {jax.device_count()} devices'
+    if jax.process_count() > 1:
+      over += f' of {jax.process_count()} processes'
+    raise UserError(f'config.batch_size={batch_size} does not split over {over}; use {nearest}')
+
+
+def eval_batch_size(requested: int) -> int:
+  """`requested` rounded up to a multiple of `batch_multiple()`; evaluation pads and masks its
+  last batch, so the size changes the speed, never the result."""
+  multiple = batch_multiple()
+  rounded = -(-requested // multiple) * multiple
+  if rounded != requested:
+    logging.info('eval_batch_size %d rounded up to %d, a multiple of the %d devices',
+                 requested, rounded, jax.device_count())
+  return rounded
 
 
 def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.Sharding,

@@ -25,11 +25,13 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import os
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nin_jax import settings
 from nin_jax.errors import UserError
 
 # --- Constants and where they come from ---------------------------------------------------------
@@ -44,7 +46,7 @@ GCN_MIN_DIVISOR = 1e-8
 ZCA_FILTER_BIAS = 0.1
 # The whitening matrix is features x features: 3072 (32x32x3) is 36 MiB in float32 and its
 # eigendecomposition takes tens of seconds on two cores; much larger images are not sensible.
-MAX_ZCA_FEATURES = 4096
+MAX_ZCA_FEATURES = settings.MAX_ZCA_FEATURES
 # pylearn2 `svhn_preprocessing.py` (maxout SVHN): `GlobalContrastNormalization()` with its
 # defaults (scale 1, no bias) and then `LeCunLCN((32, 32))` with its defaults: a 7x7 Gaussian
 # window of sigma 2 (`gaussian_filter`), divisor floor 1e-4, applied to every channel.
@@ -347,13 +349,28 @@ class Preprocessor:
       out[start:start + len(chunk)] = apply(chunk, stats)
     return out
 
-  def save(self, path: str | os.PathLike) -> None:
-    """Writes an .npz (no pickles) that `Preprocessor.load` reads back."""
+  def save(self, path: str | os.PathLike, *, replace: bool = True) -> None:
+    """Writes an .npz (no pickles) that `Preprocessor.load` reads back.
+
+    The file appears whole or not at all (written under a name of this process's own, then
+    renamed), so a reader never sees half of it. `replace=False` keeps a file already at `path`
+    (the first writer wins): processes sharing a cache then all read the same statistics.
+    """
     arrays = {'kind': np.array(self.kind), 'image_shape': np.array(self.image_shape, np.int64),
               **self.statistics()}
-    tmp = f'{os.fspath(path)}.tmp.npz'
+    tmp = f'{os.fspath(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz'
     np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half file behind
+    if replace:
+      os.replace(tmp, path)
+      return
+    try:
+      os.link(tmp, path)  # atomic, and fails if `path` exists
+    except FileExistsError:
+      pass
+    except OSError:  # a filesystem without hard links: last writer wins instead
+      os.replace(tmp, path)
+      return
+    os.remove(tmp)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Preprocessor:

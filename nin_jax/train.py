@@ -31,12 +31,12 @@ from nin_jax import metrics_log
 from nin_jax import models
 from nin_jax import parallel
 from nin_jax import run_files
+from nin_jax import settings
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
   import ml_collections
 
-SCHEDULES = ('cosine', 'step', 'plateau', 'constant')
 # {'step': int32 scalar, 'params': ..., 'opt_state': ..., 'nonfinite_step': int32}
 State = dict[str, Any]
 
@@ -62,8 +62,6 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, num_steps: int) -
   """The base learning rate per step: linear warmup over warmup_fraction of the run, then
   'cosine' decay to 0, 'step' (×0.1 at each of step_fractions) or constant ('constant', and
   'plateau', whose drops `create_optimizer` adds)."""
-  if config.schedule not in SCHEDULES:
-    raise UserError(f'schedule={config.schedule!r}: expected one of {SCHEDULES}')
   lr = config.learning_rate
   warmup = int(config.warmup_fraction * num_steps)
   if config.schedule == 'cosine':
@@ -86,8 +84,6 @@ def create_optimizer(config: ml_collections.ConfigDict, params, learning_rate_fn
   multiplier), through momentum. With 'plateau', optax's reduce_on_plateau scales the update by
   0.1 when the training error, averaged over an epoch, stops improving (`update(..., value=error)`).
   """
-  if config.lr_multipliers not in ('paper', 'none'):
-    raise UserError(f"lr_multipliers={config.lr_multipliers!r}: expected 'paper' or 'none'")
   parts = [optax.add_decayed_weights(config.weight_decay, mask=models.weight_decay_mask(params))]
   if config.lr_multipliers == 'paper':
     multipliers = models.lr_multipliers(params)
@@ -245,12 +241,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   results.json.
   """
   start_time = time.time()
+  settings.validate(config)
+  parallel.check_batch_size(config.batch_size)
+  config = config.copy_and_resolve_references()  # the caller's config stays as it was
+  config.eval_batch_size = parallel.eval_batch_size(config.eval_batch_size)
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
   # --- Input pipeline ---
-  parallel.check_batch_size(config.batch_size, 'batch_size')
-  parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   data = prepare_data(config)
   steps_per_epoch = data.steps_per_epoch
   num_steps = total_steps(config, steps_per_epoch)

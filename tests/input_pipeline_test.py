@@ -1,9 +1,12 @@
 """Tests for nin_jax.input_pipeline: TFDS (mocked), image folders, batches, bad input."""
 
+import hashlib
 import itertools
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -18,6 +21,8 @@ from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import preprocessing
 from nin_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -460,3 +465,39 @@ def test_imagenet_loads_when_small_and_stops_clearly_when_too_big(tmp_path, monk
     monkeypatch.setattr(datasets, 'IN_MEMORY_MAX_BYTES', 1000)
     with pytest.raises(UserError, match='does not fit this in-memory pipeline'):
       _create(config)
+
+
+_FIT_AT_ONCE = r'''
+import hashlib, sys, time
+import numpy as np
+from nin_jax import input_pipeline, preprocessing
+cache_dir, start_at, index = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+fit = preprocessing.fit_preprocessor
+def fit_differently(kind, images):  # as hosts may: the same recipe, other float roundings
+  fitted = fit(kind, images)
+  fitted.whitening = fitted.whitening * (1 + 1e-6 * index)
+  return fitted
+preprocessing.fit_preprocessor = fit_differently
+images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
+time.sleep(max(0.0, start_at - time.time()))
+got = input_pipeline._fit_or_load_preprocessor('gcn_zca', images, cache_dir, 'shared')
+print(hashlib.sha256(np.ascontiguousarray(got.whitening).tobytes()).hexdigest())
+'''
+
+
+def test_processes_sharing_the_statistics_cache_agree_and_never_see_a_torn_file(tmp_path):
+  """Four processes fit the same gcn_zca statistics into one cache at the same moment (the
+  hosts of a pod on one bucket): all end with the statistics of the one file left there."""
+  cache_dir = tmp_path / 'cache'
+  start_at = time.time() + 8  # after every process has imported JAX
+  procs = [subprocess.Popen([sys.executable, '-c', _FIT_AT_ONCE, str(cache_dir), str(start_at),
+                             str(i)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+           for i in range(4)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outputs]
+  digests = {out.strip().splitlines()[-1] for out, _ in outputs}
+  files = os.listdir(cache_dir)
+  assert len(files) == 1 and files[0].endswith('.npz'), files  # no temporary file left behind
+  cached = preprocessing.Preprocessor.load(cache_dir / files[0])
+  assert digests == {hashlib.sha256(np.ascontiguousarray(cached.whitening).tobytes()).hexdigest()}

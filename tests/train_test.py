@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from conftest import REPO, read_metrics, run_main, tiny_config
-from nin_jax import guards, train
+from nin_jax import guards, settings, train
 from nin_jax.errors import UserError
 
 EXPERIMENTS = sorted(os.path.basename(p)[:-3]
@@ -120,9 +120,9 @@ def test_learning_rate_schedules():
   # Durations scale with the run: half the run, half of every phase.
   lr50 = train.create_learning_rate_fn(config, 50)
   assert float(lr50(5)) == pytest.approx(1.0) and float(lr50(27)) == pytest.approx(0.5, abs=0.02)
-  config.schedule = 'bogus'
-  with pytest.raises(UserError, match='schedule'):
-    train.create_learning_rate_fn(config, 100)
+  config.schedule = 'bogus'  # refused before any schedule is built
+  with pytest.raises(UserError, match="config.schedule='bogus' is not one of"):
+    settings.validate(config)
 
 
 def test_plateau_schedule_drops_twice_when_training_accuracy_stalls():
@@ -172,20 +172,31 @@ def _losses(workdir):
 
 
 def test_one_and_eight_devices_give_the_same_losses(blobs_folder, tmp_path):
-  config = tiny_config(blobs_folder, num_train_steps=12, log_every_steps=1)
+  # An evaluation batch of 20 does not split over 8 devices: it is rounded up to 24 there, and
+  # the padding stays masked, so the test metrics are those of one device.
+  config = tiny_config(blobs_folder, num_train_steps=12, log_every_steps=1, eval_batch_size=20)
   one = run_main(tmp_path / 'one', config, devices=1)
   eight = run_main(tmp_path / 'eight', config, devices=8)
   assert one.returncode == 0, one.stderr[-3000:]
   assert eight.returncode == 0, eight.stderr[-3000:]
   assert 'over 8 devices' in eight.stderr
+  assert 'eval_batch_size 20 rounded up to 24' in eight.stderr
+  assert 'rounded up' not in one.stderr
   np.testing.assert_allclose(_losses(tmp_path / 'one'), _losses(tmp_path / 'eight'), rtol=2e-4)
   assert len(_losses(tmp_path / 'one')) == 12
+  tests = [[m['test_loss'] for m in read_metrics(tmp_path / run) if 'test_loss' in m]
+           for run in ('one', 'eight')]
+  assert len(tests[0]) == 1
+  np.testing.assert_allclose(tests[0], tests[1], rtol=2e-4)
+  eight_config = json.load(open(tmp_path / 'eight' / 'config.json'))
+  assert eight_config['eval_batch_size'] == 24  # the run folder records what ran
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(blobs_folder, tmp_path):
   result = run_main(tmp_path / 'run', tiny_config(blobs_folder, batch_size=12), devices=8)
   assert result.returncode == 2
-  assert 'error: batch_size=12 does not divide by the 8 devices' in result.stderr
+  assert 'error: config.batch_size=12 does not split over the 8 devices; use 8 or 16' in (
+      result.stderr)
   assert 'Traceback' not in result.stderr
 
 

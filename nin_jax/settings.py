@@ -1,0 +1,203 @@
+"""What each field of a run's config may hold, checked in one place before anything loads.
+
+`validate(config)` checks every field that experiments/default.py defines (and refuses fields it
+does not): its type, its allowed values or range, and the combinations that cannot work (a TFDS
+dataset with another number of classes, whitening too large to fit, a step schedule that drops
+inside its warmup, an image too small for the model or a class-map layer of the wrong width).
+A bad setting is one `UserError` line that names the field and what it may be. `nin_jax.main`
+calls it before JAX starts and `train.train_and_evaluate` before loading; each module keeps only
+the checks that need the data (a folder's classes, a device's memory) or the devices (the batch
+over the device count).
+
+The vocabularies of the settings live here too, and the modules that act on them import them:
+this module imports nothing heavier than the standard library until the model check, so that a
+typo costs a fraction of a second, not a TensorFlow start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import numbers
+from typing import Any
+
+from nin_jax.errors import UserError
+
+# --- The vocabularies ---------------------------------------------------------------------------
+# TFDS datasets this pipeline reads, with their number of classes.
+TFDS_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn_cropped': 10, 'mnist': 10,
+                'emnist/byclass': 62, 'imagenet2012': 1000}
+DATASETS = ('folder', *TFDS_CLASSES)
+PREPROCESS = ('standardize', 'gcn_zca', 'lcn', 'none')
+MAX_ZCA_FEATURES = 4096       # gcn_zca: values per image (its whitening matrix is that squared)
+AUGMENTS = ('none', 'translate', 'translate_flip')
+INPUT_PIPELINES = ('auto', 'host', 'device')
+# The keys of models.MODELS (tests/settings_test.py holds them equal): named here too, so that a
+# misspelt net is refused before JAX and Flax load.
+MODELS = ('nin_cifar', 'nin_cifar_caffe', 'nin_svhn', 'nin_mnist', 'nin_imagenet', 'nin_small',
+          '_nin_tiny')
+HEADS = ('gap', 'fc', 'fc_dropout')
+INITS = ('he', 'paper', 'data')
+DTYPES = ('float32', 'bfloat16')
+CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid', 'fft')
+LR_MULTIPLIERS = ('paper', 'none')
+SCHEDULES = ('cosine', 'step', 'plateau', 'constant')
+
+
+# --- One rule per field ---------------------------------------------------------------------------
+
+def _choice(*allowed: Any) -> Callable[[Any], str | None]:
+  shown = ', '.join(repr(a) for a in allowed if not str(a).startswith('_'))  # not test nets
+
+  def check(value):
+    if not any(type(value) is type(a) and value == a for a in allowed):  # True is not 1
+      return f'is not one of {shown}'
+  return check
+
+
+def _typed(kind: str, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False,
+           also: tuple[Any, ...] = ()) -> Callable[[Any], str | None]:
+  """A bool, str, int or float (ints count as floats) within [low, high] (ends open if asked),
+  or one of the special values `also` (e.g. -1 for 'once per epoch')."""
+  types = {'bool': (bool,), 'str': (str,), 'int': (numbers.Integral,),
+           'float': (numbers.Real,)}[kind]
+
+  def check(value):
+    if isinstance(value, bool) != (kind == 'bool') or not isinstance(value, types):
+      return f'must be a{"n" if kind == "int" else ""} {kind}, not {type(value).__name__}'
+    if value in also:
+      return None
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+      if high is None:
+        span = f'{">" if low_open else ">="} {low}'
+      else:
+        span = f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+      return f'must be {span}' + (f' or {", ".join(map(str, also))}' if also else '')
+  return check
+
+
+def _fractions(value) -> str | None:
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
+      isinstance(f, numbers.Real) and not isinstance(f, bool) for f in value):
+    return 'must be a tuple of numbers'
+  if not all(0 < f < 1 for f in value) or list(value) != sorted(set(value)):
+    return 'must be increasing fractions of the run, each in (0, 1)'
+
+
+_EVERY = dict(low=1, also=(-1,))  # a bookkeeping interval in steps; -1: once per epoch
+
+FIELDS: dict[str, Callable[[Any], str | None]] = {
+    'experiment': _typed('str'),
+    # Data
+    'dataset': _choice(*DATASETS),
+    'data_dir': _typed('str'),
+    'generate_chars': _typed('bool'),
+    'chars_per_class': _typed('int', 1),
+    'test_fraction': _typed('float', 0, 1, low_open=True, high_open=True),
+    'skip_bad_files': _typed('bool'),
+    'svhn_extra': _typed('bool'),
+    'image_size': _typed('int', 1, 4096),
+    'image_channels': _choice(1, 3),
+    'num_classes': _typed('int', 2),
+    'preprocess': _choice(*PREPROCESS),
+    'augment': _choice(*AUGMENTS),
+    'translate_pixels': _typed('int', 0),
+    'input_pipeline': _choice(*INPUT_PIPELINES),
+    # Model
+    'model': _choice(*MODELS),
+    'head': _choice(*HEADS),
+    'dropout_rate': _typed('float', 0, 1, high_open=True),
+    'init': _choice(*INITS),
+    'dtype': _choice(*DTYPES),
+    'conv_impl': _choice(*CONV_IMPLS),
+    # Optimization
+    'batch_size': _typed('int', 1),
+    'eval_batch_size': _typed('int', 1),
+    'num_epochs': _typed('float', 0, low_open=True),
+    'num_train_steps': _typed('int', 1, also=(-1,)),
+    'learning_rate': _typed('float', 0, low_open=True),
+    'momentum': _typed('float', 0, 1, high_open=True),
+    'weight_decay': _typed('float', 0),
+    'lr_multipliers': _choice(*LR_MULTIPLIERS),
+    'schedule': _choice(*SCHEDULES),
+    'step_fractions': _fractions,
+    'warmup_fraction': _typed('float', 0, 1, high_open=True),
+    'plateau_drops': _typed('int', 0),
+    'plateau_patience_fraction': _typed('float', 0, 1, low_open=True),
+    'plateau_min_delta': _typed('float', 0),
+    # Bookkeeping
+    'seed': _typed('int', 0),
+    'log_every_steps': _typed('int', **_EVERY),
+    'eval_every_steps': _typed('int', **_EVERY),
+    'checkpoint_every_steps': _typed('int', **_EVERY),
+    'keep_checkpoints': _typed('int', 1),
+    'progress_bar': _typed('bool'),
+}
+
+
+def validate(config, *, check_model: bool = True) -> None:
+  """Raises UserError (one line: the field, its value, what it may be) for the first bad setting.
+
+  Args:
+    config: a run's config (a ConfigDict or any mapping with attribute access).
+    check_model: also build the model abstractly (imports JAX and Flax; no computation) to
+      check that it accepts config.image_size and ends in config.num_classes maps.
+  """
+  keys = set(config.keys())
+  unknown = sorted(keys - set(FIELDS))
+  if unknown:
+    raise UserError(f'config.{unknown[0]}: no such field; the fields are those of '
+                    'experiments/default.py')
+  missing = [key for key in FIELDS if key not in keys]
+  if missing:
+    raise UserError(f'config.{missing[0]} is missing; start the config from '
+                    'experiments/default.py\'s get_config()')
+  for key, check in FIELDS.items():
+    problem = check(config[key])
+    if problem:
+      raise UserError(f'config.{key}={config[key]!r} {problem}')
+
+  def bad(key: str, why: str) -> UserError:
+    return UserError(f'config.{key}={config[key]!r} {why}')
+
+  classes = TFDS_CLASSES.get(config.dataset)
+  if classes is not None and config.num_classes != classes:
+    raise bad('num_classes', f'but {config.dataset} has {classes} classes; set '
+              f'--config.num_classes={classes}')
+  if config.translate_pixels >= config.image_size:
+    raise bad('translate_pixels', f'must be smaller than image_size={config.image_size}')
+  values = config.image_size ** 2 * config.image_channels
+  if config.preprocess == 'gcn_zca' and values > MAX_ZCA_FEATURES:
+    raise bad('preprocess', f'whitens {config.image_size}x{config.image_size}x'
+              f'{config.image_channels} images ({values} values) with a {values}x{values} '
+              f'matrix; use at most {MAX_ZCA_FEATURES} values per image (e.g. image_size=32 '
+              'with 3 channels) or preprocess=standardize')
+  if config.schedule == 'step' and config.step_fractions and (
+      config.step_fractions[0] <= config.warmup_fraction):
+    raise bad('step_fractions', f'drops the rate inside the warmup (warmup_fraction='
+              f'{config.warmup_fraction}); each drop must come after it')
+  if config.dataset == 'folder' and not config.data_dir:
+    raise bad('data_dir', 'is empty; point it at the image folder (one subfolder per class)')
+  if check_model:
+    _check_model(config)
+
+
+def _check_model(config) -> None:
+  """The model of `config` accepts its images and ends in num_classes maps (or logits)."""
+  # Imported here: everything above runs before JAX and Flax have loaded.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from nin_jax import models  # pylint: disable=g-import-not-at-top
+
+  # Every conv_impl computes the same shapes; 'xla' asks nothing of the backend, which must not
+  # start before jax.distributed does.
+  model = models.model_from_config(config, conv_impl='xla')
+  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.image_channels),
+                                jnp.float32)
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  except UserError as e:  # models.NIN: a kernel larger than its input
+    raise UserError(f'config.image_size={config.image_size} with config.model={config.model!r}: '
+                    f'{e}') from None
