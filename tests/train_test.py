@@ -275,7 +275,7 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(blobs_
 @pytest.mark.parametrize('flag,message', [
     ('--config.bogus=1', "error: --config has no field 'bogus'"),
     ('--config.batch_size=abc', 'error: flag --config.batch_size=abc'),
-    ('--config.model=nin_huge', "error: model='nin_huge': expected one of"),
+    ('--config.model=nin_huge', "error: config.model='nin_huge' is not one of 'nin_cifar'"),
     ('--config.num_classes=5', 'error: config.num_classes=5 but folder'),
     ('--config.data_dir=/no/such/folder', '/no/such/folder'),
 ])
