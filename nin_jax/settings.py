@@ -3,7 +3,7 @@
 `validate(config)` checks every field that experiments/default.py defines (and refuses fields it
 does not): its type, its allowed values or range, and the combinations that cannot work (a TFDS
 dataset with another number of classes, whitening too large to fit, a step schedule that drops
-inside its warmup, an image too small for the model or a class-map layer of the wrong width).
+inside its warmup, a folder dataset without a folder, an image too small for the model).
 A bad setting is one `UserError` line that names the field and what it may be. `nin_jax.main`
 calls it before JAX starts and `train.train_and_evaluate` before loading; each module keeps only
 the checks that need the data (a folder's classes, a device's memory) or the devices (the batch
@@ -143,7 +143,7 @@ def validate(config, *, check_model: bool = True) -> None:
   Args:
     config: a run's config (a ConfigDict or any mapping with attribute access).
     check_model: also build the model abstractly (imports JAX and Flax; no computation) to
-      check that it accepts config.image_size and ends in config.num_classes maps.
+      check that it accepts config.image_size.
   """
   keys = set(config.keys())
   unknown = sorted(keys - set(FIELDS))
@@ -185,7 +185,7 @@ def validate(config, *, check_model: bool = True) -> None:
 
 
 def _check_model(config) -> None:
-  """The model of `config` accepts its images and ends in num_classes maps (or logits)."""
+  """The model of `config` accepts its images (no kernel larger than its input)."""
   # Imported here: everything above runs before JAX and Flax have loaded.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
