@@ -31,7 +31,8 @@ folder dataset does.
 
 One JSON line per run goes to stdout (and `--out`, appended). Nothing here needs TensorFlow for
 `.npz` or digits input, so `probe` and `torch` run on a bare-JAX accelerator host; `train` uses
-the trainer, whose metric writers do import TensorFlow (clu).
+the trainer, which does not import TensorFlow for these inputs either (its TensorBoard events are
+written without it).
 """
 
 from __future__ import annotations

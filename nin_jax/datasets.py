@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import io
 import os
 import string
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from absl import logging
 import numpy as np
 
+from nin_jax import run_files
 from nin_jax import settings
 from nin_jax.errors import UserError
 
@@ -82,7 +84,7 @@ def _load_tfds(config: ml_collections.ConfigDict):
 
   name = config.dataset
   root = config.data_dir or tfds.core.constants.DATA_DIR
-  if config.data_dir and not os.path.isdir(config.data_dir):
+  if config.data_dir and not _is_dir(config.data_dir):
     raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
                     f'folder holding the prepared {name} (or use \'\' for {root})')
   builder = tfds.builder(name, data_dir=config.data_dir or None)
@@ -226,7 +228,9 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
   if channels not in (1, 3):
     raise UserError(f'image_channels={channels}: must be 1 (grayscale) or 3 (RGB)')
   try:
-    with strict_decoding(), Image.open(path) as image:
+    # Whole files: one request each on a bucket (a streamed read there stalls PIL's threads).
+    data = io.BytesIO(run_files.path(path).read_bytes())
+    with strict_decoding(), Image.open(data) as image:
       image.load()  # decode now: a truncated file fails here, not later
       image = _to_channels(image, channels)
       if image.size != (image_size, image_size):
@@ -243,27 +247,31 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
 # --- The folder dataset -------------------------------------------------------------------------
 
 
+def _is_dir(folder: str) -> bool:
+  return run_files.path(folder).is_dir()
+
+
 def _ignored(name: str) -> bool:
   return name.startswith('.') or name.lower() in _IGNORED_NAMES
 
 
 def _visible_entries(folder: str) -> list[str]:
-  return sorted(name for name in os.listdir(folder) if not _ignored(name))
+  return sorted(p.name for p in run_files.path(folder).iterdir() if not _ignored(p.name))
 
 
 def _image_files(class_folder: str) -> list[str]:
   """Every visible file under a class folder (sub-folders included), sorted."""
   files = []
-  for parent, folders, names in os.walk(class_folder):
+  for parent, folders, names in run_files.walk(class_folder):
     folders[:] = sorted(f for f in folders if not _ignored(f))
-    files.extend(os.path.join(parent, n) for n in sorted(names) if not _ignored(n))
+    files.extend(os.fspath(parent / n) for n in sorted(names) if not _ignored(n))
   return files
 
 
 def _class_folders(parent: str, root: str) -> list[str]:
   """The sorted class folders of `parent`; loose files there are ignored with a warning."""
   entries = _visible_entries(parent)
-  classes = [e for e in entries if os.path.isdir(os.path.join(parent, e))]
+  classes = [e for e in entries if _is_dir(os.path.join(parent, e))]
   loose = [e for e in entries if e not in classes]
   if loose:
     logging.warning('%s: ignoring %d file(s) outside the class folders (e.g. %s)', parent,
@@ -312,7 +320,8 @@ def _read_classes(folders: list[str], config: ml_collections.ConfigDict
   images = iter(_read_images([f for files in listed for f in files], config))
   classes = []
   for folder, files in zip(folders, listed):
-    kept = [(os.path.relpath(f, folder), image) for f, image in zip(files, images)
+    kept = [(os.fspath(run_files.path(f).relative_to(folder)), image)
+            for f, image in zip(files, images)
             if image is not None]
     if not kept:
       raise UserError(f'{folder}: no readable image in this class folder')
@@ -342,10 +351,10 @@ def _load_folder(config: ml_collections.ConfigDict):
   if not root:
     raise UserError("config.data_dir is empty; point it at the image folder "
                     "(ROOT/<class>/<images>)")
-  if not os.path.isdir(root):
+  if not _is_dir(root):
     raise UserError(f'config.data_dir={root!r} is not a folder; point it at the image folder '
                     '(ROOT/<class>/<images>)')
-  entries = {e for e in _visible_entries(root) if os.path.isdir(os.path.join(root, e))}
+  entries = {e for e in _visible_entries(root) if _is_dir(os.path.join(root, e))}
   split_layout = {'train', 'test'} <= entries
   if not split_layout and ('train' in entries or 'test' in entries):
     have, missing = ('train', 'test') if 'train' in entries else ('test', 'train')
@@ -360,7 +369,7 @@ def _load_folder(config: ml_collections.ConfigDict):
     train_root, test_root = os.path.join(root, 'train'), os.path.join(root, 'test')
     class_names = _class_folders(train_root, root)
     test_classes = [c for c in _visible_entries(test_root)
-                    if os.path.isdir(os.path.join(test_root, c))]
+                    if _is_dir(os.path.join(test_root, c))]
     unknown = [c for c in test_classes if c not in class_names]
     if unknown:
       raise UserError(f'{os.path.join(test_root, unknown[0])}: class not in {train_root}; '

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -117,11 +116,10 @@ def _find_sown(tree: Any, name: str) -> Any:
 # --- Loading ------------------------------------------------------------------------------------
 
 def _read_json(path: str, what: str) -> Any:
-  if not os.path.isfile(path):
+  if not run_files.path(path).is_file():
     raise UserError(f'{path} not found: {what}')
   try:
-    with open(path) as f:
-      return json.load(f)
+    return run_files.read_json(path)
   except (OSError, ValueError) as e:
     raise UserError(f'{path} is not readable JSON ({e}); is the run folder damaged?') from None
 
@@ -152,12 +150,12 @@ def restore_latest_params(checkpoint_dir: str) -> tuple[int, Any]:
   """
   import orbax.checkpoint as ocp  # Heavy; only the commands that restore pay for it.
 
-  if not os.path.isdir(checkpoint_dir):
+  if not run_files.path(checkpoint_dir).is_dir():
     raise UserError(f'{checkpoint_dir} not found: the run has saved no checkpoint yet '
                     '(train writes one every checkpoint_every_steps steps and at the end)')
   # Train saves with StandardSave, whose files are PyTree checkpoints; naming the handler lets
   # a fresh manager read the item's metadata (without one it knows no handler yet).
-  mngr = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
+  mngr = ocp.CheckpointManager(run_files.absolute(checkpoint_dir),
                                item_handlers=ocp.PyTreeCheckpointHandler())
   try:
     step = mngr.latest_step()
@@ -186,7 +184,7 @@ def load_run(workdir: str) -> Run:
     UserError: the folder is missing, or lacks config.json, class_names.json,
       preprocessing.npz or a checkpoint, or these disagree with each other.
   """
-  if not os.path.isdir(workdir):
+  if not run_files.path(workdir).is_dir():
     raise UserError(f'run folder {workdir} does not exist: pass the --workdir of a training run')
   config = load_config(workdir)
   names_path = os.path.join(workdir, run_files.CLASS_NAMES)
@@ -198,7 +196,7 @@ def load_run(workdir: str) -> Run:
     raise UserError(f'{names_path} lists {len(class_names)} class names but config.json has '
                     f'num_classes={config.num_classes}: was one of them edited?')
   pre_path = os.path.join(workdir, run_files.PREPROCESSING)
-  if not os.path.isfile(pre_path):
+  if not run_files.path(pre_path).is_file():
     raise UserError(f'{pre_path} not found: the run folder lacks its fitted preprocessing; '
                     'rerun training or copy the file from the original run')
   preprocessor = preprocessing.Preprocessor.load(pre_path)
@@ -234,15 +232,15 @@ def expand_image_paths(paths: Sequence[str]) -> list[str]:
   """
   files = []
   for path in paths:
-    if os.path.isdir(path):
+    if run_files.path(path).is_dir():
       found = sorted(
-          os.path.join(root, name)
-          for root, _, names in os.walk(path) for name in names
+          os.fspath(root / name)
+          for root, _, names in run_files.walk(path) for name in names
           if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.'))
       if not found:
         raise UserError(f'folder {path} holds no image files ({", ".join(IMAGE_EXTENSIONS)})')
       files.extend(found)
-    elif os.path.isfile(path):
+    elif run_files.path(path).is_file():
       files.append(path)
     else:
       raise UserError(f'image {path} not found')

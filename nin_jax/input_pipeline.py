@@ -40,6 +40,7 @@ from nin_jax import augment
 from nin_jax import datasets
 from nin_jax import device_input
 from nin_jax import preprocessing
+from nin_jax import run_files
 from nin_jax import settings
 from nin_jax.errors import UserError
 
@@ -247,7 +248,7 @@ def _fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: st
   shape = 'x'.join(str(s) for s in train_images.shape[1:])
   name = f'{dataset.replace("/", "_")}_{kind}_{shape}_{_fingerprint(train_images)}.npz'
   path = os.path.join(cache_dir, name)
-  if os.path.exists(path):
+  if run_files.path(path).exists():
     try:
       cached = preprocessing.Preprocessor.load(path)
       if cached.kind == kind and cached.image_shape == tuple(train_images.shape[1:]):
@@ -259,7 +260,7 @@ def _fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: st
   fitted = preprocessing.fit_preprocessor(kind, train_images)
   logging.info('Fitted %s on %d images in %.1f s', kind, len(train_images), time.time() - start)
   try:
-    os.makedirs(cache_dir, exist_ok=True)
+    run_files.path(cache_dir).mkdir(parents=True, exist_ok=True)
     # Several processes may fit at once (the hosts of a pod): the first file written is the one
     # every one of them uses.
     fitted.save(path, replace=False)

@@ -37,14 +37,13 @@ def read_metrics(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   Raises:
     UserError: the folder or its metrics.jsonl is missing, or a line is not JSON.
   """
-  if not os.path.isdir(run_dir):
+  if not run_files.path(run_dir).is_dir():
     raise UserError(f'run folder {run_dir} does not exist')
   path = os.path.join(run_dir, run_files.METRICS)
-  if not os.path.isfile(path):
+  if not run_files.path(path).is_file():
     raise UserError(f'{path} not found: {run_dir} is not a run folder, or its training has '
                     'not logged yet')
-  with open(path) as f:
-    lines = f.read().split('\n')
+  lines = run_files.path(path).read_text().split('\n')
   series: dict[str, tuple[list[float], list[float]]] = {}
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -69,8 +68,7 @@ def read_experiment(run_dir: str) -> str | None:
   """The run's `experiment` (the key of the paper table), from config.json or results.json."""
   for name in (run_files.CONFIG, run_files.RESULTS):
     try:
-      with open(os.path.join(run_dir, name)) as f:
-        experiment = json.load(f).get('experiment')
+      experiment = run_files.read_json(os.path.join(run_dir, name)).get('experiment')
     except (OSError, ValueError, AttributeError):
       continue
     if isinstance(experiment, str):

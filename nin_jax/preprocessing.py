@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import io
 import os
-import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nin_jax import run_files
 from nin_jax import settings
 from nin_jax.errors import UserError
 
@@ -350,19 +351,25 @@ class Preprocessor:
     return out
 
   def save(self, path: str | os.PathLike, *, replace: bool = True) -> None:
-    """Writes an .npz (no pickles) that `Preprocessor.load` reads back.
+    """Writes an .npz (no pickles) that `Preprocessor.load` reads back; `path` may be local
+    or a URL (`nin_jax.run_files`).
 
     The file appears whole or not at all (written under a name of this process's own, then
     renamed), so a reader never sees half of it. `replace=False` keeps a file already at `path`
-    (the first writer wins): processes sharing a cache then all read the same statistics.
+    (the first writer wins): processes sharing a local cache then all read the same statistics.
+    A bucket has no such atomic publish (nor hard links): there the last writer wins, and each
+    reader sees one whole file.
     """
     arrays = {'kind': np.array(self.kind), 'image_shape': np.array(self.image_shape, np.int64),
               **self.statistics()}
-    tmp = f'{os.fspath(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz'
-    np.savez(tmp, **arrays)
-    if replace:
-      os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    if replace or not run_files.is_local(path):
+      run_files.write_bytes_atomic(path, buffer.getvalue())
       return
+    tmp = os.fspath(run_files.temporary_name(path))
+    with open(tmp, 'wb') as f:
+      f.write(buffer.getvalue())
     try:
       os.link(tmp, path)  # atomic, and fails if `path` exists
     except FileExistsError:
@@ -376,13 +383,15 @@ class Preprocessor:
   def load(cls, path: str | os.PathLike) -> Preprocessor:
     """Reads a file written by `save`; UserError naming the file if it is missing or broken."""
     try:
-      with np.load(path, allow_pickle=False) as f:
-        kind = str(f['kind'])
-        image_shape = tuple(int(v) for v in f['image_shape'])
-        arrays = {name: f[name] for name in ('mean', 'std', 'whitening') if name in f.files}
+      data = run_files.path(path).read_bytes()
     except FileNotFoundError:
       raise UserError(f'{path}: no such preprocessing file (it is written by training, '
                       'as WORKDIR/preprocessing.npz)') from None
+    try:
+      with np.load(io.BytesIO(data), allow_pickle=False) as f:
+        kind = str(f['kind'])
+        image_shape = tuple(int(v) for v in f['image_shape'])
+        arrays = {name: f[name] for name in ('mean', 'std', 'whitening') if name in f.files}
     except Exception as e:
       raise UserError(f'{path}: not a preprocessing file ({e}); retrain or restore it') from None
     if kind not in KINDS or len(image_shape) != 3:

@@ -9,7 +9,6 @@ the paper did not run show a dash there.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -46,19 +45,18 @@ def read_run(run_dir: str) -> dict[str, Any]:
   Raises:
     UserError: the folder is missing, or has no (readable) results.json.
   """
-  if not os.path.isdir(run_dir):
+  if not run_files.path(run_dir).is_dir():
     raise UserError(f'run folder {run_dir} does not exist')
   results_path = os.path.join(run_dir, run_files.RESULTS)
-  if not os.path.isfile(results_path):
+  if not run_files.path(results_path).is_file():
     raise UserError(f'{results_path} not found: the run has not finished (training writes it '
                     f'at the end), or {run_dir} is not a run folder')
   merged = {}
   for path in (os.path.join(run_dir, run_files.CONFIG), results_path):
-    if path != results_path and not os.path.isfile(path):
+    if path != results_path and not run_files.path(path).is_file():
       continue  # results.json alone has every number the table needs.
     try:
-      with open(path) as f:
-        data = json.load(f)
+      data = run_files.read_json(path)
     except (OSError, ValueError) as e:
       raise UserError(f'{path} is not readable JSON ({e})') from None
     if not isinstance(data, dict):

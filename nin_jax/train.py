@@ -208,7 +208,7 @@ def prepare_data(config: ml_collections.ConfigDict):
   """The run's data; generates the seed's characters first when the quickstart asks for them."""
   from nin_jax import input_pipeline  # TFDS and TensorFlow: imported only to run
   if (config.dataset == 'folder' and config.get('generate_chars', False)
-      and config.data_dir and not os.path.exists(config.data_dir)):
+      and config.data_dir and not run_files.path(config.data_dir).exists()):
     from nin_jax import make_chars
     logging.info('Writing the seed characters (%d per class) to %s', config.chars_per_class,
                  config.data_dir)
@@ -246,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   config = config.copy_and_resolve_references()  # the caller's config stays as it was
   config.eval_batch_size = parallel.eval_batch_size(config.eval_batch_size)
   is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  run_files.path(workdir).mkdir(parents=True, exist_ok=True)
 
   # --- Input pipeline ---
   data = prepare_data(config)
@@ -277,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
   # --- Load checkpoint ---
   checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, run_files.CHECKPOINTS)),
+      run_files.absolute(os.path.join(workdir, run_files.CHECKPOINTS)),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            cleanup_tmp_directories=True))
   init_batch = init_images(config, data)

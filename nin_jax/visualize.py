@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure  # No pyplot: no global state, no GUI backend (Agg).
 
 from nin_jax import inference
+from nin_jax import run_files
 from nin_jax.errors import UserError
 
 PANEL_INCHES = 1.7     # side of one image or map panel
@@ -125,7 +126,7 @@ def visualize(workdir: str, out: str, image_paths: Sequence[str] = (), num_image
   if not os.path.isdir(folder):
     raise UserError(f'--out {out}: folder {folder} does not exist')
   files = inference.expand_image_paths(image_paths)[:num_images] if image_paths else []
-  if not os.path.isdir(workdir):
+  if not run_files.path(workdir).is_dir():
     raise UserError(f'run folder {workdir} does not exist: pass the --workdir of a training run')
   head = inference.load_config(workdir).get('head', 'gap')
   if head != 'gap':
