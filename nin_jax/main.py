@@ -52,6 +52,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   from nin_jax import guards
+  from nin_jax import parallel
   from nin_jax import runtime
   from nin_jax import train
   # pylint: enable=g-import-not-at-top
@@ -60,6 +61,8 @@ def main(argv):
   try:
     runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
+    # The global batch against every device: as soon as they are known, before TensorFlow.
+    parallel.check_batch_size(FLAGS.config.batch_size)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
