@@ -261,8 +261,9 @@ def _fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: st
   logging.info('Fitted %s on %d images in %.1f s', kind, len(train_images), time.time() - start)
   try:
     run_files.path(cache_dir).mkdir(parents=True, exist_ok=True)
-    # Several processes may fit at once (the hosts of a pod): the first file written is the one
-    # every one of them uses.
+    # Several processes may fit at once (the hosts of a pod): on a local or shared disk the
+    # first file written is the one every one of them uses; on a bucket the last one stays
+    # (`Preprocessor.save`).
     fitted.save(path, replace=False)
     return preprocessing.Preprocessor.load(path)
   except (OSError, UserError) as e:  # a read-only dataset folder only costs the refit next time
