@@ -6,9 +6,11 @@ a bucket (`gs://`, `s3://`; epath uses TensorFlow's gfile for them where TensorF
 installed, else fsspec's gcsfs / s3fs). Orbax writes the checkpoints' arrays itself (through
 tensorstore), to the same places.
 
-Only process 0 writes the run files. Each whole file is written to a temporary name and renamed
-(`write_json_atomic`), so a crash never leaves one half-written; `METRICS` and the TensorBoard
-events grow record by record instead (`AppendFile`). No JAX: the readers need none.
+Only process 0 writes the run files. Each whole file appears whole or not at all
+(`write_bytes_atomic`: locally a temporary name renamed, on a bucket one upload), so a crash
+never leaves one half-written; `METRICS` and the TensorBoard events grow record by record instead
+(`AppendFile`). No JAX: the readers need none. tests/storage_test.py runs, kills and resumes a
+run whose workdir and data are on a gs:// bucket served offline by fake-gcs-server.
 """
 
 from __future__ import annotations
@@ -65,15 +67,22 @@ def temporary_name(p: str | os.PathLike) -> epath.Path:
 
 
 def write_bytes_atomic(p: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` under a temporary name, then renames it to `p`: readers see all or nothing.
+  """Writes `data` to `p` so that readers see all of it or none (the old file, or nothing).
 
-  On a bucket the rename is a copy (an object appears whole in any case)."""
-  p, tmp = path(p), temporary_name(p)
+  Locally: under a temporary name, synced, then renamed. On a bucket an upload is atomic
+  already (the object appears whole when it completes), so `p` is written directly: a
+  temporary object and a rename would be an upload, a copy and a delete, and a kill between
+  them would leave the temporary behind.
+  """
+  p = path(p)
+  if not is_local(p):
+    p.write_bytes(data)
+    return
+  tmp = temporary_name(p)
   with tmp.open('wb') as f:
     f.write(data)
-    if is_local(p):
-      f.flush()
-      os.fsync(f.fileno())
+    f.flush()
+    os.fsync(f.fileno())
   tmp.replace(p)
 
 
