@@ -54,6 +54,29 @@ def device_memory_bytes() -> int | None:
   return int(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
 
 
+def tfds_dataset_bytes(config) -> int | None:
+  """What `dataset_bytes` will be for config's TFDS dataset, from its catalogued split sizes and
+  the config's image shape, before anything is loaded (None for a folder dataset)."""
+  examples = settings.TFDS_EXAMPLES.get(config.dataset)
+  if examples is None:
+    return None
+  count = sum(n for split, n in examples.items()
+              if split != 'extra' or config.get('svhn_extra', False))
+  return count * (config.image_size ** 2 * config.image_channels + 4)  # uint8 pixels, int32 label
+
+
+def check_fits_before_load(config, memory: int | None) -> None:
+  """config.input_pipeline='device' with a TFDS dataset larger than one device's `memory`
+  (bytes; None: unknown, as on CPU) stops before the dataset loads: the same refusal as
+  `choose_pipeline`'s, which can only come after a load (of 1.9 GiB for SVHN, 190 GiB for
+  ImageNet). Folder datasets are only known once listed: `choose_pipeline` checks them."""
+  needed = tfds_dataset_bytes(config)
+  if config.input_pipeline == 'device' and memory is not None and needed and needed > memory:
+    raise UserError(
+        f'config.input_pipeline=device: {config.dataset} needs {needed / 2**30:.1f} GiB on every '
+        f'device, more than its {memory / 2**30:.1f} GiB; use input_pipeline=host')
+
+
 def choose_pipeline(setting: str, data) -> str:
   """'host' or 'device' for config.input_pipeline = 'auto' | 'host' | 'device'.
 

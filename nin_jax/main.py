@@ -51,6 +51,7 @@ def main(argv):
     sys.exit(2)
   # pylint: disable=g-import-not-at-top
   import jax
+  from nin_jax import device_input
   from nin_jax import guards
   from nin_jax import parallel
   from nin_jax import runtime
@@ -63,6 +64,7 @@ def main(argv):
                                    FLAGS.process_id)
     # The global batch against every device: as soon as they are known, before TensorFlow.
     parallel.check_batch_size(FLAGS.config.batch_size)
+    device_input.check_fits_before_load(FLAGS.config, device_input.device_memory_bytes())
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -27,6 +27,13 @@ from nin_jax.errors import UserError
 TFDS_CLASSES = {'cifar10': 10, 'cifar100': 100, 'svhn_cropped': 10, 'mnist': 10,
                 'emnist/byclass': 62, 'imagenet2012': 1000}
 DATASETS = ('folder', *TFDS_CLASSES)
+# Their examples per split (TFDS's catalog), so that a run knows its data's size before loading it.
+TFDS_EXAMPLES = {'cifar10': {'train': 50_000, 'test': 10_000},
+                 'cifar100': {'train': 50_000, 'test': 10_000},
+                 'svhn_cropped': {'train': 73_257, 'extra': 531_131, 'test': 26_032},
+                 'mnist': {'train': 60_000, 'test': 10_000},
+                 'emnist/byclass': {'train': 697_932, 'test': 116_323},
+                 'imagenet2012': {'train': 1_281_167, 'validation': 50_000}}
 PREPROCESS = ('standardize', 'gcn_zca', 'lcn', 'none')
 MAX_ZCA_FEATURES = 4096       # gcn_zca: values per image (its whitening matrix is that squared)
 AUGMENTS = ('none', 'translate', 'translate_flip')

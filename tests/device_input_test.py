@@ -96,6 +96,27 @@ def test_auto_keeps_cpu_runs_on_the_host_and_fits_accelerators(monkeypatch):
     device_input.choose_pipeline('gpu', data)
 
 
+def test_a_device_pipeline_too_big_for_the_device_stops_before_the_data_loads():
+  import importlib  # pylint: disable=g-import-not-at-top
+  svhn = importlib.import_module('experiments.svhn').get_config()
+  svhn.input_pipeline = 'device'
+  # SVHN's train + extra + test splits at 32x32x3, a uint8 image and an int32 label each.
+  assert device_input.tfds_dataset_bytes(svhn) == (73_257 + 531_131 + 26_032) * (3072 + 4)
+  with pytest.raises(UserError, match=r'svhn_cropped needs 1\.8 GiB on every device, more than '
+                     r'its 1\.0 GiB; use input_pipeline=host'):
+    device_input.check_fits_before_load(svhn, 2**30)
+  svhn.svhn_extra = False  # train + test: 194 MB, fits
+  device_input.check_fits_before_load(svhn, 2**30)
+  svhn.svhn_extra, svhn.input_pipeline = True, 'auto'  # auto falls back to the host, later
+  device_input.check_fits_before_load(svhn, 2**30)
+  svhn.input_pipeline = 'device'
+  device_input.check_fits_before_load(svhn, None)  # CPU: device memory is host memory, unknown
+  folder = importlib.import_module('experiments.chars').get_config()
+  folder.input_pipeline = 'device'
+  assert device_input.tfds_dataset_bytes(folder) is None  # known only once listed
+  device_input.check_fits_before_load(folder, 1)
+
+
 @pytest.mark.parametrize('devices', [1, 8])
 def test_device_path_trains_like_the_host_path(blobs_folder, tmp_path, devices):
   """Whole runs (CLI, 8 fake devices too): same losses, same test result, the path recorded."""
