@@ -283,7 +283,8 @@ def init_from_data(model: NIN, params, images: jax.Array, *, class_map_std: floa
   offset, some below zero everywhere. Those get no gradient, the others are pushed down toward
   them, and the net ends at the ReLU's zero: every logit 0, loss ln C, no gradient. Unit-scale
   maps, even started 3 stds up, were driven below zero within 30 steps on real CIFAR images (or
-  diverged); maps at 0.1 stayed alive (docs/recipes.md has the figures).
+  diverged); maps at 0.1 stayed alive (docs/recipes.md has the figures). The fc heads' logits
+  are set to `class_map_std` too, around 0: every class at the same logit.
 
   Args:
     model: the net; its dropout is off for these passes.
@@ -310,6 +311,8 @@ def init_from_data(model: NIN, params, images: jax.Array, *, class_map_std: floa
     mean = jnp.mean(pre_activation, axis=axes)
     std = jnp.maximum(jnp.std(pre_activation, axis=axes), 1e-12)
     target_std, target_mean = (class_map_std, class_map_mean) if path == class_maps else (1., 0.)
+    if path == ('fc',):  # the fc heads' logits: every class at the same logit, as for the maps
+      target_std = class_map_std
     tree['kernel'] = tree['kernel'] * (target_std / std)
     tree['bias'] = (tree['bias'] - mean) * (target_std / std) + target_mean
   return new
@@ -368,14 +371,25 @@ def lr_multipliers(params) -> Any:
 
   weights ×1, biases ×2, and the last cccp (both its weights and bias) ×0.1 (Caffe's
   `blobs_lr 0.1 0.1` on cccp6). A pytree of Python floats with the structure of `params`.
+
+  The fc heads (Table 5's ablation, whose solver the authors did not publish) get one more
+  factor on the fc layer: 1 / the positions it flattens (64 for CIFAR's 8×8 maps). A dense
+  layer over P positions' features moves its logits about P times as far per SGD step as the
+  same features averaged by global average pooling; at the base rate the fc nets diverged
+  within 4 steps on real CIFAR images (loss 9.4, 1546, 15965, 4e8: docs/recipes.md).
   """
   last = _last_cccp(params)
+  fc_scale = 1.0
+  if 'fc' in params and last is not None:  # the Table 5 ablation's head
+    positions = params['fc']['kernel'].shape[0] // params[last[0]][last[1]]['kernel'].shape[-1]
+    fc_scale = 1.0 / positions
 
   def rule(path, _):
     names = tuple(getattr(k, 'key', str(k)) for k in path)
     if last is not None and names[:2] == last:
       return 0.1
-    return 2.0 if names[-1] == 'bias' else 1.0
+    base = 2.0 if names[-1] == 'bias' else 1.0
+    return base * fc_scale if names[0] == 'fc' else base
 
   return jax.tree_util.tree_map_with_path(rule, params)
 
