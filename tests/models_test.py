@@ -380,8 +380,8 @@ def test_lr_multipliers_and_decay_mask_cover_every_leaf():
 def test_fc_head_multipliers():
   _, params = abstract_params('nin_cifar', 10, 32, 3, head='fc')
   mults = models.lr_multipliers(params)
-  # The fc layer flattens 8x8 positions of 192 maps: its rate is the base one / 64.
-  assert mults['fc'] == {'kernel': 1.0 / 64, 'bias': 2.0 / 64}
+  # The fc layer, the classifier, flattens 8x8 positions of 192 maps: x0.1 / 64.
+  assert mults['fc'] == {'kernel': 0.1 / 64, 'bias': 0.2 / 64}
   assert mults['mlpconv3']['cccp2'] == {'kernel': 0.1, 'bias': 0.1}
   assert mults['mlpconv1']['conv'] == {'kernel': 1.0, 'bias': 2.0}
 

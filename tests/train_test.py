@@ -192,38 +192,6 @@ def test_one_and_eight_devices_give_the_same_losses(blobs_folder, tmp_path):
   assert eight_config['eval_batch_size'] == 24  # the run folder records what ran
 
 
-_TWO_STEPS_AS_WRITTEN = r"""
-import importlib, json, sys
-import tensorflow_datasets as tfds
-from nin_jax import train
-config = importlib.import_module('experiments.' + sys.argv[1]).get_config()
-config.num_train_steps, config.log_every_steps, config.progress_bar = 2, 1, False
-with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_CODE):
-  train.train_and_evaluate(config, sys.argv[2])
-"""
-
-
-def test_the_mnist_config_runs_as_written_on_eight_devices(tmp_path):
-  """Issue #14's case: eval_batch_size=500 does not divide by 8 devices; it is rounded to 504,
-  and the losses are one device's."""
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  losses = {}
-  for devices in (1, 8):
-    workdir = tmp_path / f'devices{devices}'
-    result = subprocess.run(
-        [sys.executable, '-c', _TWO_STEPS_AS_WRITTEN, 'mnist', str(workdir)], cwd=REPO,
-        capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS='cpu',
-                 XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'))
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses[devices] = _losses(workdir) + [m['test_loss'] for m in read_metrics(workdir)
-                                          if 'test_loss' in m]
-    assert json.load(open(workdir / 'config.json'))['eval_batch_size'] == (
-        500 if devices == 1 else 504)
-  assert len(losses[1]) == 3
-  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
-
-
 def test_batch_not_divisible_by_devices_is_a_clear_error(blobs_folder, tmp_path):
   result = run_main(tmp_path / 'run', tiny_config(blobs_folder, batch_size=12), devices=8)
   assert result.returncode == 2
