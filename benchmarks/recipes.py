@@ -217,7 +217,7 @@ def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[
   health_fn = make_health_fn(model)
   fixed = data.train_batch(0)
   threshold = chance_fraction * math.log(data.num_classes)
-  losses, health, below = [], [], None
+  losses, grad_norms, health, below = [], [], [], None
   start = time.time()
   for step in range(steps):
     if every and step % every == 0:
@@ -226,12 +226,14 @@ def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[
                                       for k, v in h.items()}})
     state, metrics = step_fn(state, data.train_batch(step))
     losses.append(float(metrics['train_loss']))
+    grad_norms.append(float(metrics['grad_norm']))
     if below is None and len(losses) >= 5 and np.mean(losses[-5:]) < threshold:
       below = step + 1
       if not every:
         break
   return {'steps_run': len(losses), 'first_step_below': below, 'threshold': round(threshold, 4),
           'num_steps_of_config': num_steps, 'losses': [round(x, 4) for x in losses],
+          'grad_norms': [round(x, 4) for x in grad_norms],
           'layers': ['/'.join(p) for p in models.layer_paths(state['params'])], 'health': health,
           'seconds': round(time.time() - start, 1)}
 

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.05          # base rate for weights; see lr_multipliers
   config.momentum = 0.9
   config.weight_decay = 5e-4           # L2 on weights only (never biases)
+  config.clip_gradients = 0.0          # Caffe's: scale the gradient to this global L2 norm; 0: off
   config.lr_multipliers = 'paper'      # 'paper': biases x2, last cccp x0.1; 'none': all x1
   # 'step' (x0.1 at each of step_fractions of the run), 'plateau' (x0.1 when training accuracy
   # stops improving, plateau_drops times, as the paper), 'cosine' (with warmup), 'constant'.

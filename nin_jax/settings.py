@@ -127,6 +127,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     'learning_rate': _typed('float', 0, low_open=True),
     'momentum': _typed('float', 0, 1, high_open=True),
     'weight_decay': _typed('float', 0),
+    'clip_gradients': _typed('float', 0),
     'lr_multipliers': _choice(*LR_MULTIPLIERS),
     'schedule': _choice(*SCHEDULES),
     'step_fractions': _fractions,

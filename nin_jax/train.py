@@ -82,10 +82,13 @@ def create_optimizer(config: ml_collections.ConfigDict, params, learning_rate_fn
   """SGD with momentum, L2 weight decay on weights only, the authors' per-layer rates.
 
   Caffe's update, which the authors used: (gradient + decay·weight) × (base rate × layer
-  multiplier), through momentum. With 'plateau', optax's reduce_on_plateau scales the update by
+  multiplier), through momentum; with config.clip_gradients > 0 the gradient is first scaled
+  down to that global L2 norm where it is larger (Caffe's `clip_gradients`). With 'plateau', optax's reduce_on_plateau scales the update by
   0.1 when the training error, averaged over an epoch, stops improving (`update(..., value=error)`).
   """
-  parts = [optax.add_decayed_weights(config.weight_decay, mask=models.weight_decay_mask(params))]
+  parts = [optax.clip_by_global_norm(config.clip_gradients)] if config.clip_gradients > 0 else []
+  parts.append(
+      optax.add_decayed_weights(config.weight_decay, mask=models.weight_decay_mask(params)))
   if config.lr_multipliers == 'paper':
     multipliers = models.lr_multipliers(params)
     parts.append(optax.stateless(

@@ -165,6 +165,22 @@ def test_paper_multipliers_scale_the_update(blobs_folder):
   assert float(updates['mlpconv2']['cccp1']['bias'].mean()) == pytest.approx(-0.1)
 
 
+def test_clip_gradients_caps_the_raw_gradient_norm_before_weight_decay():
+  # Caffe's clip_gradients: the gradient (not the decay term) is scaled to the norm when above it.
+  config = tiny_config('unused', weight_decay=0.5, momentum=0.0, warmup_fraction=0.0,
+                       schedule='constant', learning_rate=1.0, lr_multipliers='none',
+                       clip_gradients=1.0)
+  params = {'conv': {'kernel': np.full(4, 2.0, np.float32), 'bias': np.zeros(4, np.float32)}}
+  tx = train.create_optimizer(config, params, train.create_learning_rate_fn(config, 10), 10, 10)
+  big = {'conv': {'kernel': np.full(4, 3.0, np.float32), 'bias': np.zeros(4, np.float32)}}
+  updates, _ = tx.update(big, tx.init(params), params)
+  # |g| = 6 -> 1: each 0.5; plus decay 0.5 x 2 = 1, unclipped.
+  np.testing.assert_allclose(updates['conv']['kernel'], -1.5, rtol=1e-6)
+  small = {'conv': {'kernel': np.full(4, 0.25, np.float32), 'bias': np.zeros(4, np.float32)}}
+  updates, _ = tx.update(small, tx.init(params), params)  # |g| = 0.5 < 1: untouched
+  np.testing.assert_allclose(updates['conv']['kernel'], -1.25, rtol=1e-6)
+
+
 # --- Devices, resume, failures ------------------------------------------------------------------
 
 def _losses(workdir):
