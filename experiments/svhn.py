@@ -3,7 +3,10 @@
   python -m nin_jax.main --config experiments/svhn.py --workdir runs/svhn
 
 Trained on train + extra (604k images), as the paper; the authors' SVHN definition is marked
-"coming soon" in their folder, so nin_svhn is the best public guess (nin-reference.md).
+"coming soon" in their folder, so nin_svhn is the best public guess (nin-reference.md). The
+recipe is experiments/cifar10.py's (data-dependent init, base rate 0.05, no warmup, the gradient
+clipped to norm 10): the old one (He init, lr 0.01, 1% warmup) trained a dead net on real
+images (docs/recipes.md).
 """
 
 from experiments import default
@@ -27,9 +30,11 @@ def get_config():
   config.num_epochs = 40               # 604k images: ~190k steps
   config.schedule = 'step'
   config.step_fractions = (0.75, 0.9)
-  config.warmup_fraction = 0.01
-  config.learning_rate = 0.01
+  config.warmup_fraction = 0.0         # none, as the CIFAR recipe (docs/recipes.md)
+  config.learning_rate = 0.05
   config.weight_decay = 1e-4
+  config.clip_gradients = 10.0
+  config.init = 'data'                 # he at lr 0.01 was dead by step 20 on real images
   config.log_every_steps = 200
   config.checkpoint_every_steps = 5000
   return config
