@@ -34,7 +34,7 @@ def get_config():
   config.learning_rate = 0.05
   config.weight_decay = 1e-4
   config.clip_gradients = 10.0
-  config.init = 'data'                 # he at lr 0.01 was dead by step 20 on real images
+  config.init = 'data'                 # he at lr 0.01 was dead by step 15 on real images
   config.log_every_steps = 200
   config.checkpoint_every_steps = 5000
   return config

@@ -83,8 +83,9 @@ def create_optimizer(config: ml_collections.ConfigDict, params, learning_rate_fn
 
   Caffe's update, which the authors used: (gradient + decay·weight) × (base rate × layer
   multiplier), through momentum; with config.clip_gradients > 0 the gradient is first scaled
-  down to that global L2 norm where it is larger (Caffe's `clip_gradients`). With 'plateau', optax's reduce_on_plateau scales the update by
-  0.1 when the training error, averaged over an epoch, stops improving (`update(..., value=error)`).
+  down to that global L2 norm where it is larger (Caffe's `clip_gradients`). With 'plateau',
+  optax's reduce_on_plateau scales the update by 0.1 when the training error, averaged over an
+  epoch, stops improving (`update(..., value=error)`).
   """
   parts = [optax.clip_by_global_norm(config.clip_gradients)] if config.clip_gradients > 0 else []
   parts.append(
