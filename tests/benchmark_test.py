@@ -40,6 +40,17 @@ def test_run_benchmark_reports_every_field(mode):
   json.dumps(result)  # one JSON line
 
 
+def test_summary_figures_agree_for_a_sub_millisecond_step():
+  # A 0.3336 ms step: rounded to 2 decimals (0.33 ms) it was 1% off the images/s beside it.
+  bench = benchmark.Benchmark(run=lambda: None, info={'batch_size': 4}, flops=10**6)
+  result = benchmark.summarize(bench, [0.0003336, 0.0003336, 0.0004])
+  assert result['step_ms'] == pytest.approx(0.3336, rel=1e-4)
+  assert result['images_per_sec'] == pytest.approx(4 / 0.0003336, rel=1e-3)
+  assert result['gflops_per_sec'] == pytest.approx(1e6 / 0.0003336 / 1e9, rel=1e-3)
+  assert result['step_ms_mean'] == pytest.approx((0.3336 * 2 + 0.4) / 3, rel=1e-3)
+  assert benchmark.significant(0.004321) == 0.004321 and benchmark.significant(12345.6) == 12350
+
+
 def test_train_step_learns():
   """The timed step is a real SGD step: repeated on one batch, the loss goes down."""
   bench = benchmark.build_benchmark('train', 'nin_cifar', batch_size=8, image_size=12,
