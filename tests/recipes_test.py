@@ -23,13 +23,19 @@ def digits():
   return images, labels, class_names, rows_train, rows_test
 
 
+def _probe(digits, experiment: str, seed: int, steps: int) -> dict:
+  """The first `steps` steps of experiments/`experiment` as written, on the digits."""
+  images, labels, class_names, rows_train, rows_test = digits
+  config = recipes.load_config(os.path.join(REPO, 'experiments', experiment), seed, [], None)
+  data = recipes.make_data(config, images, labels, class_names, rows_train, rows_test)
+  result = recipes.probe(config, data, steps=steps, every=0, chance_fraction=0.9)
+  return {**result, 'image_shape': data.image_shape}
+
+
 # nin_mnist at 28x28 (MNIST's shape), and below the CIFAR-shaped net on 3-channel digits.
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_mnist_recipe_leaves_chance_on_real_digits_within_50_steps(digits, seed):
-  images, labels, class_names, rows_train, rows_test = digits
-  config = recipes.load_config(os.path.join(REPO, 'experiments', 'mnist.py'), seed, [], None)
-  data = recipes.make_data(config, images, labels, class_names, rows_train, rows_test)
-  result = recipes.probe(config, data, steps=50, every=0, chance_fraction=0.9)
+  result = _probe(digits, 'mnist.py', seed, steps=50)
   assert result['threshold'] == pytest.approx(0.9 * math.log(10), abs=1e-4)
   assert result['first_step_below'] is not None, (
       f'mnist seed {seed}: still above 0.9 ln 10 after 50 steps: {result["losses"]}')
@@ -42,10 +48,7 @@ def test_mnist_recipe_leaves_chance_on_real_digits_within_50_steps(digits, seed)
 # 2.29-2.30 after 100 steps here: this fails on a dead or stalled recipe.
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_cifar_recipe_leaves_chance_on_real_3_channel_digits_within_100_steps(digits, seed):
-  images, labels, class_names, rows_train, rows_test = digits
-  config = recipes.load_config(os.path.join(REPO, 'experiments', 'cifar10.py'), seed, [], None)
-  data = recipes.make_data(config, images, labels, class_names, rows_train, rows_test)
-  assert data.image_shape == (32, 32, 3)
-  result = recipes.probe(config, data, steps=100, every=0, chance_fraction=0.9)
+  result = _probe(digits, 'cifar10.py', seed, steps=100)
+  assert result['image_shape'] == (32, 32, 3)
   assert result['first_step_below'] is not None, (
       f'cifar10 seed {seed}: still above 0.9 ln 10 after 100 steps: {result["losses"]}')
