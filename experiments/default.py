@@ -26,18 +26,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.skip_bad_files = False        # True: skip unreadable images with a warning; False: stop
   config.svhn_extra = True             # svhn_cropped: train on train + extra, as the paper
   config.image_size = 28               # images are resized to image_size x image_size
+  # 0: each whole image squashed to image_size^2. >0 (folder only): the shorter side resized to
+  # this, aspect kept, then an image_size^2 crop: random with augment='crop_flip', else centred.
+  config.resize_size = 0
   config.image_channels = 1            # 1 (grayscale) or 3 (RGB)
   config.num_classes = 62
   # 'standardize' (per-channel mean/std of the training split), 'gcn_zca' (global contrast
   # normalization then ZCA, CIFAR), 'lcn' (local contrast normalization, SVHN), 'none' (x/255).
   config.preprocess = 'standardize'
-  # 'none', 'translate_flip' (the paper's CIFAR-10 augmentation), 'translate' (digits, characters).
+  # 'none', 'translate_flip' (the paper's CIFAR-10 augmentation), 'translate' (digits, characters),
+  # 'crop_flip' (random image_size crops of the resize_size images, mirrored: ImageNet; streams).
   config.augment = 'translate'
   config.translate_pixels = 2          # maximum random shift for the translate augmentations
   # Where batches are assembled: 'host' (numpy, on a thread beside the step), 'device' (the whole
   # uint8 dataset on every accelerator; gather, preprocessing and augmentation inside the jitted
-  # step: the same batches), 'auto' (device on GPU/TPU when the data takes <= 1/4 of its memory).
+  # step: the same batches), 'stream' (folder only: the files are read and decoded while it
+  # trains, by stream_workers processes; for data beyond memory), 'auto' (stream for a folder
+  # whose decoded training images exceed stream_memory_fraction of the host's memory or with
+  # augment='crop_flip'; else device on GPU/TPU when the data takes <= 1/4 of its memory, else host).
   config.input_pipeline = 'auto'
+  config.stream_workers = -1           # stream: worker processes; 0: threads in the trainer; -1: auto
+  config.stream_memory_fraction = 0.25  # see input_pipeline='auto'
 
   # --- Model ------------------------------------------------------------------------------------
   config.model = 'nin_small'           # a name from nin_jax.models.MODELS

@@ -1,9 +1,16 @@
 """ImageNet: the Caffe Model Zoo NIN, 59.36% top-1 accuracy (40.64% error). For GPUs/TPUs.
 
-  python -m nin_jax.main --config experiments/imagenet.py --workdir runs/imagenet
+  python -m nin_jax.main --config experiments/imagenet.py --workdir runs/imagenet \
+    --config.data_dir=ROOT
+
+ROOT holds ImageNet in its usual folder layout, ROOT/train/<class>/*.JPEG and
+ROOT/val/<class>/*.JPEG (as torchvision's ImageFolder reads it); the files are streamed
+(docs/streaming.md): read, decoded, resized and cropped by worker processes while the net
+trains. (TFDS's imagenet2012 does not fit in memory, and is not streamed.) Any other folder in
+that layout trains the same way with --config.num_classes=ITS_CLASSES.
 
 Caffe's solver: batch 64, lr 0.01 x0.1 every 200k of 450k iterations, momentum 0.9, weight decay
-5e-4, 224x224 crops with mirroring. Needs TFDS's imagenet2012 prepared by hand (manual download).
+5e-4, 224x224 crops with mirroring; the images resized to 256 on their shorter side.
 """
 
 from experiments import default
@@ -12,16 +19,17 @@ from experiments import default
 def get_config():
   config = default.get_config()
   config.experiment = 'imagenet'
-  config.dataset = 'imagenet2012'
-  config.data_dir = ''
+  config.dataset = 'folder'
+  config.data_dir = 'data/imagenet'    # ROOT/train/<class>/, ROOT/val/<class>/
   config.generate_chars = False
   config.model = 'nin_imagenet'
   config.num_classes = 1000
-  config.image_size = 224
+  config.image_size = 224              # the crops
+  config.resize_size = 256             # the shorter side before cropping
   config.image_channels = 3
   config.preprocess = 'standardize'
-  config.augment = 'translate_flip'
-  config.translate_pixels = 16
+  config.augment = 'crop_flip'         # random 224 crops, mirrored; the centre crop to evaluate
+  config.translate_pixels = 0
   config.batch_size = 64
   config.eval_batch_size = 256
   config.num_train_steps = 450_000

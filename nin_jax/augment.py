@@ -1,8 +1,10 @@
-"""Augmentation: random translation and horizontal flip, in numpy (host) and jnp (devices).
+"""Augmentation: random translation, crops and horizontal flip, in numpy (host) and jnp (devices).
 
 config.augment is 'none', 'translate' (shift each image by up to config.translate_pixels in y
-and in x, zero fill) or 'translate_flip' (and mirror half of them left-right). `moves` is the
-one place that reads the setting. The draws of a batch come from `Data.train_draws`; the host
+and in x, zero fill), 'translate_flip' (and mirror half of them left-right) or 'crop_flip' (a
+random image_size window of each image resized to config.resize_size, the ImageNet nets' crops,
+cut where the image is decoded: `datasets.decode_image`; and mirror half of them). `moves` and
+`crops` are the one place that reads the setting. The draws of a batch come from `Data.train_draws`; the host
 path applies them with `translate_and_flip`, the device path with its jnp twin
 `translate_and_flip_jnp`, so both give the same batches (tests/device_input_test.py).
 """
@@ -20,10 +22,16 @@ AUGMENTS = settings.AUGMENTS
 
 
 def moves(augment: str) -> tuple[bool, bool]:
-  """(translates, flips): what the augment setting does to a training image."""
+  """(translates, flips): what the augment setting does to a preprocessed training image."""
   if augment not in AUGMENTS:
     raise UserError(f'config.augment={augment!r} is not one of {", ".join(AUGMENTS)}')
-  return augment != 'none', augment == 'translate_flip'
+  return augment in ('translate', 'translate_flip'), augment in ('translate_flip', 'crop_flip')
+
+
+def crops(augment: str) -> bool:
+  """Whether training images are random crops (decided where they are decoded)."""
+  moves(augment)  # UserError for an unknown setting
+  return augment == 'crop_flip'
 
 
 def draw(rng: np.random.Generator, augment: str, batch_size: int,
@@ -40,6 +48,13 @@ def draw(rng: np.random.Generator, augment: str, batch_size: int,
   if not mirrors:
     flips = np.zeros_like(flips)
   return shifts, flips
+
+
+def draw_crops(rng: np.random.Generator, augment: str, batch_size: int) -> np.ndarray | None:
+  """float64 (B, 2): where each crop sits, as (u, v) in [0, 1)^2 of the free range in y and x
+  (`datasets.decode_image`); None where `augment` does not crop. Drawn after `draw`, from the
+  same generator, so adding crops changed no other setting's draws."""
+  return rng.random((batch_size, 2)) if crops(augment) else None
 
 
 def translate_and_flip(images: np.ndarray, shifts: np.ndarray, flips: np.ndarray,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
 import string
+import threading
 from typing import TYPE_CHECKING
 
 from absl import logging
@@ -42,20 +44,24 @@ CACHE_FOLDER = '.nin_jax_cache'
 # Operating-system litter that is never an image and never an error.
 _IGNORED_NAMES = frozenset({'thumbs.db', 'desktop.ini', '__macosx'})
 _IMAGE_READ_THREADS = 4
+# The folders a ROOT/train/ layout evaluates on, in order of preference.
+_EVAL_FOLDERS = ('test', 'val')
 
 
-def load(config: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], list[str], str]:
-  """Decodes both splits of config.dataset.
+def load(config: ml_collections.ConfigDict, listing: FolderListing | None = None
+         ) -> tuple[dict[str, np.ndarray], list[str], str, list[str]]:
+  """Decodes both splits of config.dataset (a folder's files as `listing` lists them, if given).
 
   Returns:
     ({'train_images', 'test_images': uint8 (N, H, W, C), 'train_labels', 'test_labels': int32
-    (N,)}, the class names, the folder for cached preprocessing statistics).
+    (N,)}, the class names, the folder for cached preprocessing statistics, one line per file
+    left out as unreadable (config.skip_bad_files)).
   """
   if config.dataset == 'folder':
-    arrays, class_names = _load_folder(config)
-    return arrays, class_names, os.path.join(config.data_dir, CACHE_FOLDER)
+    arrays, class_names, skipped = _load_folder(config, listing or list_folder(config))
+    return arrays, class_names, os.path.join(config.data_dir, CACHE_FOLDER), skipped
   arrays, class_names, root = _load_tfds(config)
-  return arrays, class_names, os.path.join(root, CACHE_FOLDER)
+  return arrays, class_names, os.path.join(root, CACHE_FOLDER), []
 
 
 # --- TFDS ---------------------------------------------------------------------------------------
@@ -186,62 +192,112 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
   return image.convert('L' if channels == 1 else 'RGB')
 
 
+_strict_lock = threading.Lock()
+_strict_users = 0
+_strict_saved = False
+
+
 @contextlib.contextmanager
 def strict_decoding():
   """Makes PIL fail on truncated files while inside (and restores the setting after).
 
   Some libraries (TFDS's image utilities among them) set PIL's process-wide
   `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which silently fills the missing part of a cut file
-  with black; a training set must not take such a file for a good one. Callers that read files
-  in several threads enter this once around all of them, so the threads never race on it.
+  with black; a training set must not take such a file for a good one. Threads may enter it at
+  once (the stream decodes on several): the first one in saves the setting, the last one out
+  restores it.
   """
   from PIL import ImageFile  # pylint: disable=g-import-not-at-top
-  previous = ImageFile.LOAD_TRUNCATED_IMAGES
-  ImageFile.LOAD_TRUNCATED_IMAGES = False
+  global _strict_users, _strict_saved
+  with _strict_lock:
+    if not _strict_users:
+      _strict_saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    _strict_users += 1
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
   try:
     yield
   finally:
-    ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    with _strict_lock:
+      _strict_users -= 1
+      if not _strict_users:
+        ImageFile.LOAD_TRUNCATED_IMAGES = _strict_saved
 
 
-def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
-  """Reads one image file as the network sees it, for training and prediction alike.
+def decode_image(data: bytes, image_size: int, channels: int, *, resize_size: int = 0,
+                 crop: tuple[float, float] | None = None) -> np.ndarray:
+  """One encoded image as the network sees it, for training and prediction alike.
 
-  Any size and mode PIL reads (PNG, JPEG, BMP, GIF first frame, 16-bit, palette, alpha) is
-  converted to `channels` (1: luma 'L', ITU-R 601; 3: RGB) and resized to a square
-  `image_size` x `image_size` with PIL's antialiased bilinear filter. The aspect ratio is not
-  kept (as Keras' `image_dataset_from_directory`): the seed's images are square already.
+  Any format and mode PIL reads (PNG, JPEG, BMP, GIF first frame, 16-bit, palette, alpha) is
+  converted to `channels` (1: luma 'L', ITU-R 601; 3: RGB), then resized with PIL's antialiased
+  bilinear filter:
+  - resize_size=0: the whole image to a square `image_size` x `image_size`; the aspect ratio is
+    not kept (as Keras' `image_dataset_from_directory`; the student's images are square).
+  - resize_size>0: the shorter side to `resize_size`, aspect kept (as the Caffe ImageNet nets
+    were trained), then an `image_size` x `image_size` window: centred (crop=None), or at
+    (u, v) in [0, 1)^2 of the free range in y and x (a random crop: `Sampler.train_draws`).
 
-  Args:
-    path: the image file.
-    image_size: output height and width.
-    channels: 1 or 3.
+  Call it inside `strict_decoding()`, or a truncated file may decode with a black part.
 
   Returns:
     uint8 array of shape (image_size, image_size, channels).
 
   Raises:
-    UserError: naming the file, when it is not an image PIL can decode (corrupt, truncated,
-      not an image at all).
+    ValueError (and whatever else PIL raises on bad data: OSError, SyntaxError, …) for data
+    that is not a decodable image; `load_image` turns them into one line naming the file.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if channels not in (1, 3):
+    raise ValueError(f'channels={channels}: must be 1 or 3')
+  with Image.open(io.BytesIO(data)) as image:
+    image.load()  # decode now: a truncated file fails here, not later
+    image = _to_channels(image, channels)
+  if not resize_size:
+    if image.size != (image_size, image_size):
+      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+  else:
+    w, h = image.size
+    scale = resize_size / min(w, h)
+    size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+    if size != image.size:
+      image = image.resize(size, Image.Resampling.BILINEAR)
+    free_x, free_y = size[0] - image_size, size[1] - image_size
+    if crop is None:
+      top, left = free_y // 2, free_x // 2
+    else:
+      top, left = min(int(crop[0] * (free_y + 1)), free_y), min(int(crop[1] * (free_x + 1)), free_x)
+    if (free_x, free_y) != (0, 0):
+      image = image.crop((left, top, left + image_size, top + image_size))
+  return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+  """A whole file: one request each on a bucket (a streamed read there stalls PIL's threads)."""
+  return run_files.path(path).read_bytes()
+
+
+def bad_image_message(path: str | os.PathLike, error: Exception) -> str:
+  """One line naming a file that is missing or not a decodable image."""
+  if isinstance(error, FileNotFoundError):
+    return f'{path}: no such file'
+  reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return f'{path}: not a readable image ({reason}); replace or delete it'
+
+
+def load_image(path: str | os.PathLike, image_size: int, channels: int, *,
+               resize_size: int = 0) -> np.ndarray:
+  """Reads one image file as `decode_image` (the centre crop where resize_size > 0).
+
+  Raises:
+    UserError: naming the file, when it is missing or not an image PIL can decode (corrupt,
+      truncated, not an image at all).
+  """
+  if channels not in (1, 3):
     raise UserError(f'image_channels={channels}: must be 1 (grayscale) or 3 (RGB)')
   try:
-    # Whole files: one request each on a bucket (a streamed read there stalls PIL's threads).
-    data = io.BytesIO(run_files.path(path).read_bytes())
-    with strict_decoding(), Image.open(data) as image:
-      image.load()  # decode now: a truncated file fails here, not later
-      image = _to_channels(image, channels)
-      if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-      array = np.asarray(image, dtype=np.uint8)
-  except FileNotFoundError:
-    raise UserError(f'{path}: no such file') from None
+    with strict_decoding():
+      return decode_image(read_bytes(path), image_size, channels, resize_size=resize_size)
   except Exception as e:  # PIL raises many types on bad data (OSError, SyntaxError, struct.error…)
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f'{path}: not a readable image ({reason}); replace or delete it') from None
-  return array.reshape(image_size, image_size, channels)
+    raise UserError(bad_image_message(path, e)) from None
 
 
 # --- The folder dataset -------------------------------------------------------------------------
@@ -283,11 +339,107 @@ def _class_folders(parent: str, root: str) -> list[str]:
   return classes
 
 
-def _read_images(files: list[str], config: ml_collections.ConfigDict) -> list[np.ndarray | None]:
-  """Decodes the files (None for a bad one when skip_bad_files, else UserError)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class FolderListing:
+  """The image files of a folder dataset, in the order of its rows, before any is decoded.
+
+  Attributes:
+    root: config.data_dir.
+    class_names: the sorted class folders; label i is class_names[i].
+    train_files, test_files: paths, class by class, each class's files sorted.
+    train_labels, test_labels: int32 (N,), one per file.
+    test_split: where the test files come from: 'test/', 'val/' or 'held out'.
+  """
+  root: str
+  class_names: list[str]
+  train_files: list[str]
+  train_labels: np.ndarray
+  test_files: list[str]
+  test_labels: np.ndarray
+  test_split: str
+
+
+def list_folder(config: ml_collections.ConfigDict) -> FolderListing:
+  """Lists config.data_dir in one of its three layouts, reading no image.
+
+  ROOT/<class>/… (a stratified share of each class held out: `_held_out`), ROOT/train/<class>/…
+  + ROOT/test/<class>/…, or ROOT/train/<class>/… + ROOT/val/<class>/… (ImageNet's layout, as
+  torchvision's ImageFolder reads it). Files may sit in sub-folders of a class folder.
+  """
+  root = config.data_dir
+  if not root:
+    raise UserError("config.data_dir is empty; point it at the image folder "
+                    "(ROOT/<class>/<images>)")
+  if not _is_dir(root):
+    raise UserError(f'config.data_dir={root!r} is not a folder; point it at the image folder '
+                    '(ROOT/<class>/<images>)')
+  entries = {e for e in _visible_entries(root) if _is_dir(os.path.join(root, e))}
+  test_name = next((name for name in _EVAL_FOLDERS if name in entries), None)
+  if 'train' in entries and test_name is None:
+    raise UserError(f'{root} has a train/ folder but no test/ or val/ folder: add '
+                    f'{os.path.join(root, "test")}/<class>/ images, or put the class folders '
+                    f'directly in {root}')
+  if 'train' not in entries and test_name is not None:
+    raise UserError(f'{root} has a {test_name}/ folder but no train/ folder: add '
+                    f'{os.path.join(root, "train")}/<class>/ images, or put the class folders '
+                    f'directly in {root}')
+  if test_name is None:
+    class_names = _class_folders(root, root)
+    train_files, test_files, train_labels, test_labels = [], [], [], []
+    for label, name in enumerate(class_names):
+      folder = os.path.join(root, name)
+      files = _image_files(folder)
+      if not files:
+        raise UserError(f'{folder}: empty class folder; add images or remove the folder')
+      held_out = _held_out([os.fspath(run_files.path(f).relative_to(folder)) for f in files],
+                           config.test_fraction)
+      train_files += [f for f, out in zip(files, held_out) if not out]
+      test_files += [f for f, out in zip(files, held_out) if out]
+      train_labels += [label] * int((~held_out).sum())
+      test_labels += [label] * int(held_out.sum())
+    test_split = 'held out'
+  else:
+    others = sorted(entries - {'train', test_name})
+    if others:
+      logging.warning('%s: using train/ and %s/, ignoring %s', root, test_name, ', '.join(others))
+    train_root, test_root = os.path.join(root, 'train'), os.path.join(root, test_name)
+    class_names = _class_folders(train_root, root)
+    test_classes = [c for c in _visible_entries(test_root) if _is_dir(os.path.join(test_root, c))]
+    unknown = [c for c in test_classes if c not in class_names]
+    if unknown:
+      raise UserError(f'{os.path.join(test_root, unknown[0])}: class not in {train_root}; '
+                      f'{test_name} classes must also be training classes')
+
+    def files_of(parent, names):
+      files, labels = [], []
+      for name in names:
+        folder = os.path.join(parent, name)
+        found = _image_files(folder)
+        if not found:
+          raise UserError(f'{folder}: empty class folder; add images or remove the folder')
+        files += found
+        labels += [class_names.index(name)] * len(found)
+      return files, labels
+
+    train_files, train_labels = files_of(train_root, class_names)
+    test_files, test_labels = files_of(test_root, sorted(test_classes))
+    test_split = f'{test_name}/'
+  if not test_files:
+    raise UserError(f'{root}: the test split is empty; add test images (a class needs at '
+                    'least 2 images for a held-out share)')
+  return FolderListing(root=root, class_names=class_names, train_files=train_files,
+                       train_labels=np.asarray(train_labels, np.int32), test_files=test_files,
+                       test_labels=np.asarray(test_labels, np.int32), test_split=test_split)
+
+
+def _read_images(files: list[str], config: ml_collections.ConfigDict
+                 ) -> tuple[list[np.ndarray | None], list[str]]:
+  """Decodes the files (None for a bad one when skip_bad_files, else UserError), and one line
+  per bad file."""
   def read(path):
     try:
-      return load_image(path, config.image_size, config.image_channels), None
+      return load_image(path, config.image_size, config.image_channels,
+                        resize_size=config.resize_size), None
     except UserError as e:
       return None, str(e)
 
@@ -301,33 +453,7 @@ def _read_images(files: list[str], config: ml_collections.ConfigDict) -> list[np
     raise UserError(f'{errors[0]}{more}; --config.skip_bad_files=True skips bad files')
   for error in errors:
     logging.warning('Skipping %s', error)
-  return [image for image, _ in results]
-
-
-def _read_classes(folders: list[str], config: ml_collections.ConfigDict
-                  ) -> list[tuple[list[str], np.ndarray]]:
-  """(relative file names, uint8 images) of the readable images of each class folder.
-
-  All folders are listed (and checked for emptiness) before any file is decoded, and all
-  files are decoded before a bad one stops the run, so one message counts every bad file.
-  """
-  listed = []
-  for folder in folders:
-    files = _image_files(folder)
-    if not files:
-      raise UserError(f'{folder}: empty class folder; add images or remove the folder')
-    listed.append(files)
-  images = iter(_read_images([f for files in listed for f in files], config))
-  classes = []
-  for folder, files in zip(folders, listed):
-    kept = [(os.fspath(run_files.path(f).relative_to(folder)), image)
-            for f, image in zip(files, images)
-            if image is not None]
-    if not kept:
-      raise UserError(f'{folder}: no readable image in this class folder')
-    names, arrays = zip(*kept)
-    classes.append((list(names), np.stack(arrays)))
-  return classes
+  return [image for image, _ in results], errors
 
 
 def _held_out(names: list[str], fraction: float) -> np.ndarray:
@@ -345,60 +471,27 @@ def _held_out(names: list[str], fraction: float) -> np.ndarray:
   return mask
 
 
-def _load_folder(config: ml_collections.ConfigDict):
-  """Reads ROOT/<class>/… (held-out split) or ROOT/train/<class>/… + ROOT/test/<class>/…."""
-  root = config.data_dir
-  if not root:
-    raise UserError("config.data_dir is empty; point it at the image folder "
-                    "(ROOT/<class>/<images>)")
-  if not _is_dir(root):
-    raise UserError(f'config.data_dir={root!r} is not a folder; point it at the image folder '
-                    '(ROOT/<class>/<images>)')
-  entries = {e for e in _visible_entries(root) if _is_dir(os.path.join(root, e))}
-  split_layout = {'train', 'test'} <= entries
-  if not split_layout and ('train' in entries or 'test' in entries):
-    have, missing = ('train', 'test') if 'train' in entries else ('test', 'train')
-    raise UserError(f'{root} has a {have}/ folder but no {missing}/ folder: add '
-                    f'{os.path.join(root, missing)}/<class>/ images, or put the class folders '
-                    f'directly in {root}')
-  train_images, train_labels, test_images, test_labels = [], [], [], []
-  if split_layout:
-    others = sorted(entries - {'train', 'test'})
-    if others:
-      logging.warning('%s: using train/ and test/, ignoring %s', root, ', '.join(others))
-    train_root, test_root = os.path.join(root, 'train'), os.path.join(root, 'test')
-    class_names = _class_folders(train_root, root)
-    test_classes = [c for c in _visible_entries(test_root)
-                    if _is_dir(os.path.join(test_root, c))]
-    unknown = [c for c in test_classes if c not in class_names]
-    if unknown:
-      raise UserError(f'{os.path.join(test_root, unknown[0])}: class not in {train_root}; '
-                      'test classes must also be training classes')
-    test_labelled = [(class_names.index(c), c) for c in sorted(test_classes)]
-    classes = _read_classes([os.path.join(train_root, c) for c in class_names]
-                            + [os.path.join(test_root, c) for _, c in test_labelled], config)
-    for label, (_, images) in enumerate(classes[:len(class_names)]):
-      train_images.append(images)
-      train_labels.append(np.full(len(images), label, np.int32))
-    for (label, _), (_, images) in zip(test_labelled, classes[len(class_names):]):
-      test_images.append(images)
-      test_labels.append(np.full(len(images), label, np.int32))
-  else:
-    class_names = _class_folders(root, root)
-    classes = _read_classes([os.path.join(root, c) for c in class_names], config)
-    for label, (names, images) in enumerate(classes):
-      held_out = _held_out(names, config.test_fraction)
-      train_images.append(images[~held_out])
-      train_labels.append(np.full(int((~held_out).sum()), label, np.int32))
-      test_images.append(images[held_out])
-      test_labels.append(np.full(int(held_out.sum()), label, np.int32))
-  if not sum(len(x) for x in test_images):
-    raise UserError(f'{root}: the test split is empty; add test images (a class needs at '
-                    'least 2 images for a held-out share)')
+def _load_folder(config: ml_collections.ConfigDict, listing: FolderListing):
+  """Decodes every file of `listing` into memory.
+
+  All files are decoded before a bad one stops the run, so one message counts every bad file;
+  with skip_bad_files they are left out (a class left with no readable training image stops).
+  """
+  images, skipped = _read_images(listing.train_files + listing.test_files, config)
+  n = len(listing.train_files)
   shape = (0, config.image_size, config.image_size, config.image_channels)
-  arrays = dict(
-      train_images=np.concatenate(train_images),
-      train_labels=np.concatenate(train_labels),
-      test_images=np.concatenate(test_images) if test_images else np.zeros(shape, np.uint8),
-      test_labels=np.concatenate(test_labels) if test_labels else np.zeros(0, np.int32))
-  return arrays, class_names
+  arrays = {}
+  for split, files, labels, decoded in (('train', listing.train_files, listing.train_labels,
+                                         images[:n]),
+                                        ('test', listing.test_files, listing.test_labels,
+                                         images[n:])):
+    kept = [i for i, image in enumerate(decoded) if image is not None]
+    arrays[f'{split}_images'] = (np.stack([decoded[i] for i in kept]) if kept
+                                 else np.zeros(shape, np.uint8))
+    arrays[f'{split}_labels'] = labels[kept]
+  for label, name in enumerate(listing.class_names):
+    if not (arrays['train_labels'] == label).any():
+      raise UserError(f'{listing.root}: class {name!r} has no readable training image')
+  if not len(arrays['test_labels']):
+    raise UserError(f'{listing.root}: no readable test image')
+  return arrays, listing.class_names, skipped

@@ -78,7 +78,8 @@ def check_fits_before_load(config, memory: int | None) -> None:
 
 
 def choose_pipeline(setting: str, data) -> str:
-  """'host' or 'device' for config.input_pipeline = 'auto' | 'host' | 'device'.
+  """'host', 'device' or 'stream' for config.input_pipeline = 'auto' | 'host' | 'device' |
+  'stream' ('stream' exactly when `data` is streamed: `input_pipeline.streams`).
 
   'auto' is 'device' on accelerators when the dataset needs at most AUTO_MAX_MEMORY_FRACTION of
   a device's memory, and 'host' on CPU (where host and device are the same memory, and the host
@@ -88,6 +89,8 @@ def choose_pipeline(setting: str, data) -> str:
   if setting not in INPUT_PIPELINES:
     raise UserError(f'config.input_pipeline={setting!r} is not one of '
                     f'{", ".join(INPUT_PIPELINES)}')
+  if getattr(data, 'streamed', False):  # `input_pipeline.streams` chose it while loading
+    return 'stream'
   if setting == 'host':
     return 'host'
   needed, memory = dataset_bytes(data), device_memory_bytes()

@@ -8,10 +8,12 @@ preprocessed when it is drawn, which gives the same numbers because every prepro
 image by image. Augmentation (`nin_jax.augment`) is a numpy slice copy per image, fused with the
 gather of the batch.
 
-Batches are pure functions of (config.seed, step): a resumed run sees exactly the batches that
-the uninterrupted run would have seen, and the global batch does not depend on the number of
-processes (each process takes its own rows of it). Every process holds the whole dataset; only
-the batches are split.
+Batches are pure functions of (config.seed, step) (`Sampler`): a resumed run sees exactly the
+batches that the uninterrupted run would have seen, and the global batch does not depend on the
+number of processes (each process takes its own rows of it). Every process holds the whole
+dataset; only the batches are split. A folder too large for that (or whose training images are
+random crops) is streamed instead (`streams`, `nin_jax.stream`): the same batches, from files
+read while the net trains.
 
   data = create_data(config)
   for step, batch in zip(range(start, end), data.train_batches(start)):
@@ -57,47 +59,31 @@ _SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
 # --- The batches --------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(eq=False)  # arrays inside: compare fields explicitly
-class Data:
-  """One dataset in memory, and the batches of one process.
+@dataclasses.dataclass(kw_only=True, eq=False)
+class Sampler:
+  """Which rows, in which order, with which augmentation draws, make every batch of a process.
+
+  Numbers only (no images), so the stream's workers get their own copy; `Data` (in memory) and
+  `stream.StreamData` are Samplers that also turn the draws into images.
 
   Attributes:
-    num_classes: number of classes.
-    class_names: sorted folder names, or TFDS label names (EMNIST: 0-9, A-Z, a-z).
-    image_shape: (H, W, C) after conversion.
     num_train_examples, num_test_examples: split sizes.
-    preprocessor: the preprocessing fitted on the training split (save it with the run).
     batch_size: the global training batch, over all processes.
     eval_batch_size: the global evaluation batch.
-    train_images_uint8, test_images_uint8: uint8 (N, H, W, C), the raw images (for a
-      device-resident input path; preprocess them with `preprocessor`).
-    train_labels, test_labels: int32 (N,).
     seed: config.seed; shuffling and augmentation are drawn from (seed, step).
-    augment: 'none' | 'translate' | 'translate_flip'.
+    augment: a setting of `nin_jax.augment`.
     translate_pixels: largest random shift of the translate augmentations.
     process_index, process_count: which share of every global batch this process yields.
   """
-  num_classes: int
-  class_names: list[str]
-  image_shape: tuple[int, int, int]
   num_train_examples: int
   num_test_examples: int
-  preprocessor: preprocessing.Preprocessor
   batch_size: int
   eval_batch_size: int
-  train_images_uint8: np.ndarray = dataclasses.field(repr=False)
-  train_labels: np.ndarray = dataclasses.field(repr=False)
-  test_images_uint8: np.ndarray = dataclasses.field(repr=False)
-  test_labels: np.ndarray = dataclasses.field(repr=False)
   seed: int = 0
   augment: str = 'none'
   translate_pixels: int = 0
   process_index: int = 0
   process_count: int = 1
-  _inputs: dict[str, np.ndarray | None] = dataclasses.field(init=False, repr=False)
-  _whole: dict[str, bool] = dataclasses.field(init=False, repr=False)
-  _inputs_lock: threading.Lock = dataclasses.field(init=False, repr=False,
-                                                   default_factory=threading.Lock)
   _permutation_cache: tuple[int, np.ndarray] | None = dataclasses.field(
       init=False, repr=False, default=None)
 
@@ -108,15 +94,13 @@ class Data:
         raise UserError(f'config.{name}={value}: must be a positive multiple of the number of '
                         f'processes ({self.process_count})')
     augment.moves(self.augment)  # UserError for an unknown setting
-    if not 0 <= self.translate_pixels < min(self.image_shape[:2]):
-      raise UserError(f'config.translate_pixels={self.translate_pixels}: must be smaller than '
-                      f'the images ({self.image_shape[0]}x{self.image_shape[1]})')
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f'process {self.process_index} of {self.process_count}')
-    self._inputs = {'train': None, 'test': None}
-    self._whole = {split: bool(len(images)) and images.size * 4 <= PREPROCESS_AT_LOAD_MAX_BYTES
-                   for split, images in (('train', self.train_images_uint8),
-                                         ('test', self.test_images_uint8))}
+
+  def sampler(self) -> Sampler:
+    """A plain Sampler with this one's numbers (what a stream worker needs)."""
+    return Sampler(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Sampler)
+                      if f.init})
 
   @property
   def steps_per_epoch(self) -> int:
@@ -127,10 +111,116 @@ class Data:
     """Batches per pass of `eval_batches` (the last one padded)."""
     return math.ceil(self.num_test_examples / self.eval_batch_size)
 
+  def _epoch_permutation(self, epoch: int) -> np.ndarray:
+    if self._permutation_cache is None or self._permutation_cache[0] != epoch:
+      rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, epoch])
+      self._permutation_cache = (epoch, rng.permutation(self.num_train_examples))
+    return self._permutation_cache[1]
+
+  def train_draws(self, step: int) -> dict[str, np.ndarray]:
+    """What this process's share of the training batch of `step` is made of: a pure function.
+
+    Epoch e = step // steps_per_epoch is a permutation of the training split drawn from
+    (seed, e); global batch i of the epoch is rows [i*B, (i+1)*B) of it (wrapping around when
+    the split is smaller than one batch); process p takes rows [p*B/P, (p+1)*B/P) of that.
+    The augmentation of the whole global batch is drawn from (seed, step) before it is split.
+
+    Returns:
+      {'rows': int32 (B/P,) indices into the training split, 'shifts': int32 (B/P, 2) the
+      (dy, dx) of each image's translation (zero unless augment translates), 'flips': bool
+      (B/P,) which images are mirrored (zero unless augment flips)}, and with
+      augment='crop_flip' 'crops': float64 (B/P, 2), where each crop sits
+      (`augment.draw_crops`). `train_batch` turns them into images on the host;
+      `nin_jax.device_input` on the devices; `nin_jax.stream` in its workers.
+    """
+    b = self.batch_size
+    epoch, i = divmod(step, self.steps_per_epoch)
+    positions = (i * b + np.arange(b)) % self.num_train_examples
+    rows = self._epoch_permutation(epoch)[positions]
+    rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step])
+    shifts, flips = augment.draw(rng, self.augment, b, self.translate_pixels)
+    crops = augment.draw_crops(rng, self.augment, b)
+    share = slice(self.process_index * b // self.process_count,
+                  (self.process_index + 1) * b // self.process_count)
+    draws = {'rows': rows[share].astype(np.int32), 'shifts': shifts[share].astype(np.int32),
+             'flips': flips[share]}
+    if crops is not None:
+      draws['crops'] = crops[share]
+    return draws
+
+  def eval_draw(self, j: int) -> dict[str, np.ndarray]:
+    """The rows of evaluation batch j: {'rows': int32 (E/P,), 'mask': bool (E/P,)}; padding
+    rows point at row 0 and are masked."""
+    share = self.eval_batch_size // self.process_count
+    indices = j * self.eval_batch_size + self.process_index * share + np.arange(share)
+    mask = indices < self.num_test_examples
+    return {'rows': np.where(mask, indices, 0).astype(np.int32), 'mask': mask}
+
+  def eval_draws(self) -> Iterator[dict[str, np.ndarray]]:
+    """`eval_draw` of every batch of `eval_batches`, in order."""
+    return map(self.eval_draw, range(self.num_eval_batches))
+
+
+def augment_batch(images: np.ndarray, draws: dict[str, np.ndarray],
+                  augment_setting: str) -> np.ndarray:
+  """The translations and flips of `draws` applied to preprocessed float32 images (the same
+  array back where the setting moves nothing)."""
+  if not any(augment.moves(augment_setting)):
+    return images
+  return augment.translate_and_flip(images, draws['shifts'], draws['flips'])
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)  # arrays inside: compare fields explicitly
+class Data(Sampler):
+  """One dataset in memory, and the batches of one process.
+
+  Attributes (beyond `Sampler`'s):
+    num_classes: number of classes.
+    class_names: sorted folder names, or TFDS label names (EMNIST: 0-9, A-Z, a-z).
+    image_shape: (H, W, C) after conversion.
+    preprocessor: the preprocessing fitted on the training split (save it with the run).
+    train_images_uint8, test_images_uint8: uint8 (N, H, W, C), the raw images (for a
+      device-resident input path; preprocess them with `preprocessor`).
+    train_labels, test_labels: int32 (N,).
+    skipped_files: the files left out as unreadable (config.skip_bad_files).
+  """
+  num_classes: int
+  class_names: list[str]
+  image_shape: tuple[int, int, int]
+  preprocessor: preprocessing.Preprocessor
+  train_images_uint8: np.ndarray = dataclasses.field(repr=False)
+  train_labels: np.ndarray = dataclasses.field(repr=False)
+  test_images_uint8: np.ndarray = dataclasses.field(repr=False)
+  test_labels: np.ndarray = dataclasses.field(repr=False)
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
+  streamed = False  # the input path's name in results: see `stream.StreamData`
+  _inputs: dict[str, np.ndarray | None] = dataclasses.field(init=False, repr=False)
+  _whole: dict[str, bool] = dataclasses.field(init=False, repr=False)
+  _inputs_lock: threading.Lock = dataclasses.field(init=False, repr=False,
+                                                   default_factory=threading.Lock)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 0 <= self.translate_pixels < min(self.image_shape[:2]):
+      raise UserError(f'config.translate_pixels={self.translate_pixels}: must be smaller than '
+                      f'the images ({self.image_shape[0]}x{self.image_shape[1]})')
+    self._inputs = {'train': None, 'test': None}
+    self._whole = {split: bool(len(images)) and images.size * 4 <= PREPROCESS_AT_LOAD_MAX_BYTES
+                   for split, images in (('train', self.train_images_uint8),
+                                         ('test', self.test_images_uint8))}
+
   @property
   def preprocessed_at_load(self) -> bool:
     """False when the training split is preprocessed batch by batch (large datasets)."""
     return self._whole['train']
+
+  def train_images(self, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), H, W, C) training images, not preprocessed."""
+    return self.train_images_uint8[rows]
+
+  def test_images(self, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), H, W, C) test images, not preprocessed."""
+    return self.test_images_uint8[rows]
 
   def _preprocessed_split(self, split: str) -> np.ndarray | None:
     """The whole split preprocessed (computed on first use, then kept), or None for a split
@@ -151,65 +241,22 @@ class Data:
     inputs = self._preprocessed_split(split)
     return inputs[indices] if inputs is not None else self.preprocessor(images[indices])
 
-  def _epoch_permutation(self, epoch: int) -> np.ndarray:
-    if self._permutation_cache is None or self._permutation_cache[0] != epoch:
-      rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, epoch])
-      self._permutation_cache = (epoch, rng.permutation(self.num_train_examples))
-    return self._permutation_cache[1]
-
-  def train_draws(self, step: int) -> dict[str, np.ndarray]:
-    """What this process's share of the training batch of `step` is made of: a pure function.
-
-    Epoch e = step // steps_per_epoch is a permutation of the training split drawn from
-    (seed, e); global batch i of the epoch is rows [i*B, (i+1)*B) of it (wrapping around when
-    the split is smaller than one batch); process p takes rows [p*B/P, (p+1)*B/P) of that.
-    The augmentation of the whole global batch is drawn from (seed, step) before it is split.
-
-    Returns:
-      {'rows': int32 (B/P,) indices into the training split, 'shifts': int32 (B/P, 2) the
-      (dy, dx) of each image's translation (zero unless augment translates), 'flips': bool
-      (B/P,) which images are mirrored (only with 'translate_flip')}. `train_batch` turns them
-      into images on the host; `nin_jax.device_input` on the devices.
-    """
-    b = self.batch_size
-    epoch, i = divmod(step, self.steps_per_epoch)
-    positions = (i * b + np.arange(b)) % self.num_train_examples
-    rows = self._epoch_permutation(epoch)[positions]
-    rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, step])
-    shifts, flips = augment.draw(rng, self.augment, b, self.translate_pixels)
-    share = slice(self.process_index * b // self.process_count,
-                  (self.process_index + 1) * b // self.process_count)
-    return {'rows': rows[share].astype(np.int32), 'shifts': shifts[share].astype(np.int32),
-            'flips': flips[share]}
-
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's share of the global training batch of `step` (see `train_draws`)."""
     draws = self.train_draws(step)
     rows = draws['rows']
     labels = self.train_labels[rows]
-    if not any(augment.moves(self.augment)):
-      return {'image': self.preprocessed_images('train', rows), 'label': labels}
     inputs = self._preprocessed_split('train')
-    if inputs is not None:  # gather and augment in one pass
-      return {'image': augment.translate_and_flip(inputs, draws['shifts'], draws['flips'], rows),
-              'label': labels}
-    return {'image': augment.translate_and_flip(self.preprocessed_images('train', rows),
-                                                draws['shifts'], draws['flips']),
-            'label': labels}
+    if inputs is not None and any(augment.moves(self.augment)):  # gather and augment in one pass
+      images = augment.translate_and_flip(inputs, draws['shifts'], draws['flips'], rows)
+    else:
+      images = augment_batch(self.preprocessed_images('train', rows), draws, self.augment)
+    return {'image': images, 'label': labels}
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Infinite; item k is `train_batch(start_step + k)`."""
     for step in itertools.count(start_step):
       yield self.train_batch(step)
-
-  def eval_draws(self) -> Iterator[dict[str, np.ndarray]]:
-    """The rows of `eval_batches`: {'rows': int32 (E/P,), 'mask': bool (E/P,)}; padding rows
-    point at row 0 and are masked."""
-    share = self.eval_batch_size // self.process_count
-    for j in range(self.num_eval_batches):
-      indices = j * self.eval_batch_size + self.process_index * share + np.arange(share)
-      mask = indices < self.num_test_examples
-      yield {'rows': np.where(mask, indices, 0).astype(np.int32), 'mask': mask}
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the test split: every example exactly once over all processes.
@@ -236,7 +283,7 @@ def _fingerprint(images: np.ndarray) -> str:
   return digest.hexdigest()
 
 
-def _fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: str | None,
+def fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: str | None,
                               dataset: str) -> preprocessing.Preprocessor:
   """Fits `kind` on the training split; gcn_zca statistics are cached in `cache_dir`.
 
@@ -298,7 +345,7 @@ def data_from_arrays(config: ml_collections.ConfigDict, *, train_images: np.ndar
   for labels in (train_labels, test_labels):
     if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
       raise UserError(f'{dataset}: labels outside [0, {len(class_names)})')
-  preprocessor = _fit_or_load_preprocessor(config.preprocess, train_images, cache_dir, dataset)
+  preprocessor = fit_or_load_preprocessor(config.preprocess, train_images, cache_dir, dataset)
   return Data(
       num_classes=len(class_names), class_names=list(class_names),
       image_shape=tuple(int(s) for s in train_images.shape[1:]),
@@ -311,9 +358,49 @@ def data_from_arrays(config: ml_collections.ConfigDict, *, train_images: np.ndar
       process_count=process_count)
 
 
+def host_memory_bytes() -> int:
+  """This host's memory, or its container's limit where that is lower (cgroup v2)."""
+  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  try:
+    with open('/sys/fs/cgroup/memory.max') as f:
+      limit = f.read().strip()
+    if limit.isdigit():
+      memory = min(memory, int(limit))
+  except OSError:
+    pass
+  return memory
+
+
+def streams(config: ml_collections.ConfigDict, listing: datasets.FolderListing) -> bool:
+  """Whether a folder is streamed (`nin_jax.stream`) rather than decoded into memory.
+
+  input_pipeline='stream' always; 'auto' when its decoded training images would take more than
+  stream_memory_fraction of the host's memory (estimated from the file count and image size,
+  before any is decoded), or when augment='crop_flip' needs the files' full images; logged.
+  """
+  if config.input_pipeline != 'auto':
+    return config.input_pipeline == 'stream'
+  needed = len(listing.train_files) * config.image_size ** 2 * config.image_channels
+  limit = config.stream_memory_fraction * host_memory_bytes()
+  if augment.crops(config.augment):
+    logging.info('input_pipeline=auto: streaming %s: augment=crop_flip crops each image where '
+                 'it is decoded', listing.root)
+    return True
+  chosen = needed > limit
+  logging.info('input_pipeline=auto: %s: the decoded training images (%d at %dx%dx%d, %.2f GiB) '
+               '%s %.0f%% of this host\'s memory (%.2f GiB): %s', listing.root,
+               len(listing.train_files), config.image_size, config.image_size,
+               config.image_channels, needed / 2**30, 'exceed' if chosen else 'fit in',
+               100 * config.stream_memory_fraction, limit / 2**30,
+               'streaming them' if chosen else 'decoding them into memory')
+  return chosen
+
+
 def create_data(config: ml_collections.ConfigDict, *, process_index: int | None = None,
                 process_count: int | None = None) -> Data:
   """Loads config.dataset, fits the preprocessing, and returns this process's batches.
+
+  A folder that `streams` gives a `stream.StreamData`, which has the same interface.
 
   Args:
     config: see experiments/default.py (Data section and batch sizes).
@@ -325,15 +412,29 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
   """
   settings.validate(config, check_model=False)
   start = time.time()
-  arrays, class_names, cache_dir = datasets.load(config)
-  if len(class_names) != config.num_classes:
-    raise UserError(f'config.num_classes={config.num_classes} but {config.dataset} '
-                    f'({config.data_dir or "TFDS default folder"}) has {len(class_names)} '
-                    f'classes; set --config.num_classes={len(class_names)}')
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  listing = datasets.list_folder(config) if config.dataset == 'folder' else None
+  if listing is not None:
+    _check_num_classes(config, listing.class_names)
+    if streams(config, listing):
+      from nin_jax import stream  # pylint: disable=g-import-not-at-top  # it imports this module
+      return stream.create_stream_data(config, listing, process_index=process_index,
+                                       process_count=process_count)
+  arrays, class_names, cache_dir, skipped = datasets.load(config, listing)
+  _check_num_classes(config, class_names)
   data = data_from_arrays(config, **arrays, class_names=class_names,
                           process_index=process_index, process_count=process_count,
                           cache_dir=cache_dir, dataset=config.dataset)
+  data.skipped_files = skipped
   logging.info('%s: %d train, %d test images of %s, %d classes, %s, ready in %.1f s',
                config.dataset, data.num_train_examples, data.num_test_examples,
                data.image_shape, data.num_classes, config.preprocess, time.time() - start)
   return data
+
+
+def _check_num_classes(config: ml_collections.ConfigDict, class_names: list[str]) -> None:
+  if len(class_names) != config.num_classes:
+    raise UserError(f'config.num_classes={config.num_classes} but {config.dataset} '
+                    f'({config.data_dir or "TFDS default folder"}) has {len(class_names)} '
+                    f'classes; set --config.num_classes={len(class_names)}')

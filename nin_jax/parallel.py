@@ -83,6 +83,10 @@ def prefetch_to_mesh(batches: Iterator[dict[str, np.ndarray]], sharding: jax.sha
         q.put(to_global(batch))
     except BaseException as e:  # handed to the consumer, which raises it
       q.put(e)
+    finally:  # a generator's own clean-up (the stream's workers) runs now, not at exit
+      close = getattr(batches, 'close', None)
+      if close is not None:
+        close()
     q.put(done)
 
   thread = threading.Thread(target=produce, daemon=True)

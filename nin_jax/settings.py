@@ -36,8 +36,8 @@ TFDS_EXAMPLES = {'cifar10': {'train': 50_000, 'test': 10_000},
                  'imagenet2012': {'train': 1_281_167, 'validation': 50_000}}
 PREPROCESS = ('standardize', 'gcn_zca', 'lcn', 'none')
 MAX_ZCA_FEATURES = 4096       # gcn_zca: values per image (its whitening matrix is that squared)
-AUGMENTS = ('none', 'translate', 'translate_flip')
-INPUT_PIPELINES = ('auto', 'host', 'device')
+AUGMENTS = ('none', 'translate', 'translate_flip', 'crop_flip')
+INPUT_PIPELINES = ('auto', 'host', 'device', 'stream')
 # The keys of models.MODELS (tests/settings_test.py holds them equal): named here too, so that a
 # misspelt net is refused before JAX and Flax load.
 MODELS = ('nin_cifar', 'nin_cifar_caffe', 'nin_svhn', 'nin_mnist', 'nin_imagenet', 'nin_small',
@@ -106,12 +106,15 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     'skip_bad_files': _typed('bool'),
     'svhn_extra': _typed('bool'),
     'image_size': _typed('int', 1, 4096),
+    'resize_size': _typed('int', 0, 8192),
     'image_channels': _choice(1, 3),
     'num_classes': _typed('int', 2),
     'preprocess': _choice(*PREPROCESS),
     'augment': _choice(*AUGMENTS),
     'translate_pixels': _typed('int', 0),
     'input_pipeline': _choice(*INPUT_PIPELINES),
+    'stream_workers': _typed('int', 0, 256, also=(-1,)),
+    'stream_memory_fraction': _typed('float', 0, 1, low_open=True),
     # Model
     'model': _choice(*MODELS),
     'head': _choice(*HEADS),
@@ -186,6 +189,23 @@ def validate(config, *, check_model: bool = True) -> None:
       config.step_fractions[0] <= config.warmup_fraction):
     raise bad('step_fractions', f'drops the rate inside the warmup (warmup_fraction='
               f'{config.warmup_fraction}); each drop must come after it')
+  streams = config.input_pipeline == 'stream'
+  if streams and config.dataset != 'folder':
+    raise bad('input_pipeline', f'reads image folders only (dataset=\'folder\'); '
+              f'{config.dataset} is read into memory: use input_pipeline=auto')
+  if config.resize_size and config.dataset != 'folder':
+    raise bad('resize_size', f'needs dataset=\'folder\' ({config.dataset} is read at '
+              f'image_size); e.g. --config.dataset=folder --config.data_dir=ROOT with ROOT/train/ '
+              'and ROOT/val/ class folders')
+  if config.resize_size and config.resize_size < config.image_size:
+    raise bad('resize_size', f'must be 0 or at least image_size={config.image_size} (the '
+              'crops are image_size wide)')
+  if config.augment == 'crop_flip' and not config.resize_size:
+    raise bad('augment', 'crops image_size windows from images resized to resize_size: set '
+              'resize_size (e.g. 256 for 224 crops)')
+  if config.augment == 'crop_flip' and config.input_pipeline in ('host', 'device'):
+    raise bad('input_pipeline', 'holds images at image_size, so augment=\'crop_flip\' has '
+              'nothing to crop from: use input_pipeline=stream (or auto)')
   if config.dataset == 'folder' and not config.data_dir:
     raise bad('data_dir', 'is empty; point it at the image folder (one subfolder per class)')
   if check_model:

@@ -136,7 +136,7 @@ def init_images(config: ml_collections.ConfigDict, data) -> np.ndarray | None:
   rows = np.sort(np.random.default_rng([config.seed, 2]).choice(  # 2: not the data's streams
       data.num_train_examples, n, replace=False))
   # Image by image, as every preprocessing is: the device path never preprocesses a whole split.
-  return data.preprocessor(data.train_images_uint8[rows])
+  return data.preprocessor(data.train_images(rows))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -406,7 +406,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       'wall_seconds': time.time() - start_time, 'num_params': num_params,
       'devices': jax.device_count(), 'processes': jax.process_count(),
       'input_pipeline': pipeline,
+      # Files left out as unreadable: at load (skip_bad_files), or met by the stream so far.
+      'skipped_files': len(data.skipped_files),
+      'skipped_file_errors': data.skipped_files[:100],
   }
+  if data.skipped_files:
+    logging.warning('%d unreadable file(s) skipped (results.json lists them)',
+                    len(data.skipped_files))
   if is_writer:
     run_files.write_json_atomic(os.path.join(workdir, run_files.RESULTS), results)
   logging.info('Test accuracy %.4f (error %.2f%%) on %d images after %d steps',

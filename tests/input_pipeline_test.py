@@ -480,7 +480,7 @@ def fit_differently(kind, images):  # as hosts may: the same recipe, other float
 preprocessing.fit_preprocessor = fit_differently
 images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
 time.sleep(max(0.0, start_at - time.time()))
-got = input_pipeline._fit_or_load_preprocessor('gcn_zca', images, cache_dir, 'shared')
+got = input_pipeline.fit_or_load_preprocessor('gcn_zca', images, cache_dir, 'shared')
 print(hashlib.sha256(np.ascontiguousarray(got.whitening).tobytes()).hexdigest())
 '''
 

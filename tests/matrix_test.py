@@ -1,7 +1,8 @@
 """Every experiment config as written, on every device layout: the same losses as one device.
 
 Issue #14's matrix: each config of experiments/ runs two steps end to end (TFDS's mock data for
-the TFDS datasets; the generated characters for the folder configs) on 1, 2, 4 and 8 fake CPU
+the TFDS datasets; the generated characters for the folder configs; for imagenet, a streamed
+folder of 1000 classes) on 1, 2, 4 and 8 fake CPU
 devices in one process and on 2 processes x 4 devices, with nothing changed but the step count
 (and the log interval, so that both steps' losses are written), and gives the first layout's
 training and test losses to rtol 1e-4.
@@ -64,11 +65,27 @@ def _free_port() -> int:
 
 
 @functools.cache
+def _imagenet_folder(root: str) -> str:
+  """ROOT/train/<class>/ + ROOT/val/<class>/, 1000 classes of one 64x80 JPEG each."""
+  from PIL import Image
+  folder = os.path.join(root, 'imagenet')
+  rng = np.random.default_rng(0)
+  for split in ('train', 'val'):
+    for c in range(1000):
+      os.makedirs(os.path.join(folder, split, f'n{c:08d}'))
+      Image.fromarray(rng.integers(0, 256, (64, 80, 3), np.uint8)).save(
+          os.path.join(folder, split, f'n{c:08d}', '0.JPEG'))
+  return folder
+
+
+@functools.cache
 def _run(name: str, layout: tuple[int, int], root: str) -> dict:
   """Runs `name` on `layout`; its losses, its config.json and process 0's log."""
   processes, devices = layout
   workdir = os.path.join(root, f'{name}_{processes}x{devices}')
   data_dir = os.path.join(root, 'chars') if name in FOLDER_CONFIGS else ''
+  if name == 'imagenet':  # its 1000 classes as a streamed folder of small photos
+    data_dir = _imagenet_folder(root)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              TFDS_DATA_DIR=os.path.join(root, 'tfds'))  # the statistics cache goes there

@@ -48,6 +48,19 @@ def mock_tfds_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+def _photo_folder(root):
+  """ROOT/train/<class>/ (4 each) + ROOT/val/<class>/ (2 each) of 2 classes, JPEGs of 40x50."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 4), ('val', 2)):
+    for name in ('a', 'b'):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)).save(
+            root / split / name / f'{i}.JPEG')
+  return str(root)
+
+
 @pytest.mark.parametrize('name', [n for n in EXPERIMENTS if n not in ('default', 'chars')])
 def test_experiment_runs_under_mock_data(name, tmp_path, mock_tfds_dir):
   config = load_experiment(name)
@@ -56,8 +69,10 @@ def test_experiment_runs_under_mock_data(name, tmp_path, mock_tfds_dir):
   config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
   config.progress_bar = False
   config.data_dir = mock_tfds_dir
-  if name == 'imagenet':  # full size on CPU is too slow for a test; the net is tested in models
-    config.image_size = 32
+  if name == 'imagenet':  # a streamed folder in ImageNet's layout, of small photos (full size
+    # on CPU is too slow for a test; the net is tested in models)
+    config.data_dir = _photo_folder(tmp_path / 'photos')
+    config.num_classes, config.image_size, config.resize_size = 2, 32, 36
     config.model = '_nin_tiny'
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
     state = train.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -1,0 +1,344 @@
+"""The streaming input path: a folder of any size, read and decoded while the net trains (Grain).
+
+The in-memory path (`input_pipeline.Data`) decodes every image before step 1; this one lists the
+files (`datasets.list_folder`) and keeps only their names and labels. Its batches are the same
+pure functions of (seed, step), `Sampler.train_draws`, turned into images in two stages:
+
+  step --[workers: Grain MapDataset]--> this process's rows and crops of the batch, their files
+       read, decoded, resized and cropped: uint8 (B/P, S, S, C)
+       --[trainer, beside the step]--> preprocessed float32, translated and mirrored: the batch
+
+What varies per image and costs the most (reading, decoding, resizing, cropping) runs on uint8
+in `stream_workers` processes; what follows (normalization, shifts and flips) is the in-memory
+path's own code. Element k of the stream is the batch of step start + k whatever the worker
+count, so a resumed run starts its stream at the checkpoint's step and saves no iterator state;
+a folder that fits in memory gives the in-memory path's batches exactly (tests/stream_test.py).
+With several processes each reads only its own rows of each global batch.
+
+A source is anything random-access that yields encoded images (`FileSource`: row i is the bytes
+of file i); the decoding is `datasets.decode_image`, the in-memory path's.
+
+Bad files: a file that cannot be read or decoded (truncated, not an image, deleted) is never
+fatal. In a training batch it is replaced by the next readable image of the same batch (with
+its label), in an evaluation batch it is masked out; each such file is logged once and counted
+in results.json (`skipped_files`). Only a batch with no readable image at all stops the run.
+
+  data = create_stream_data(config, listing)
+  for batch in data.train_batches(start_step): ...  # as input_pipeline.Data's
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import dataclasses
+import multiprocessing
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from absl import logging
+import numpy as np
+
+from nin_jax import datasets
+from nin_jax import input_pipeline
+from nin_jax import preprocessing
+from nin_jax.errors import UserError
+
+if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
+  import ml_collections
+
+# The preprocessing is fitted on at most this many training images (centre crops), drawn with
+# the run's seed: a folder this size or smaller is fitted on all of it, as in memory.
+FIT_IMAGES = 2048
+# Most worker processes 'auto' (stream_workers=-1) starts; it starts one per core but one.
+MAX_AUTO_WORKERS = 16
+# Batches each worker prepares ahead of the one being trained on.
+WORKER_BUFFER = 2
+# Threads that decode in the trainer itself with stream_workers=0 (PIL releases the GIL).
+IN_PROCESS_THREADS = 2
+_FIT_STREAM = 3  # a random stream of its own (input_pipeline uses 0 and 1, train.init_images 2)
+
+
+# --- In the workers: rows to uint8 images ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FileSource:
+  """Encoded images, one file per row: `source[i]` is the bytes of files[i]."""
+  files: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, row: int) -> bytes:
+    return datasets.read_bytes(self.files[row])
+
+  def name(self, row: int) -> str:
+    return self.files[row]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """`datasets.decode_image` with a run's sizes bound."""
+  image_size: int
+  channels: int
+  resize_size: int = 0
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+
+def read_rows(source: FileSource, decoder: Decoder, rows: np.ndarray,
+              crops: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """Decodes `rows` of `source`, cropped at `crops` ((n, 2) in [0, 1); None: centred).
+
+  Returns:
+    (uint8 (n, S, S, C), zero where unreadable; bool (n,) which rows were readable; one line
+    per unreadable file, naming it).
+  """
+  images = np.zeros((len(rows), *decoder.shape), np.uint8)
+  readable = np.zeros(len(rows), bool)
+  bad = []
+  with datasets.strict_decoding():
+    for i, row in enumerate(rows.tolist()):
+      try:
+        images[i] = datasets.decode_image(
+            source[row], decoder.image_size, decoder.channels, resize_size=decoder.resize_size,
+            crop=None if crops is None else tuple(crops[i]))
+        readable[i] = True
+      except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad data
+        bad.append(datasets.bad_image_message(source.name(row), e))
+  return images, readable, bad
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainBatch:
+  """step -> this process's share of that step's training batch, uint8, before preprocessing.
+
+  {'image': uint8 (B/P, S, S, C), 'label': int32 (B/P,), 'shifts', 'flips' (the draws the
+  trainer applies after preprocessing), 'skipped': the unreadable files' lines}.
+  """
+  sampler: input_pipeline.Sampler
+  source: FileSource
+  labels: np.ndarray
+  decoder: Decoder
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    draws = self.sampler.train_draws(step)
+    rows = draws['rows']
+    images, readable, bad = read_rows(self.source, self.decoder, rows, draws.get('crops'))
+    if not readable.any():
+      raise UserError(f'step {step}: not one of the {len(rows)} images of this batch is '
+                      f'readable ({bad[0]}); is the folder still there?')
+    if not readable.all():  # each bad image gives way to the batch's next readable one
+      good = np.flatnonzero(readable)
+      for i in np.flatnonzero(~readable):
+        j = good[np.searchsorted(good, i) % len(good)]
+        images[i], rows[i] = images[j], rows[j]
+    return {'image': images, 'label': self.labels[rows], 'shifts': draws['shifts'],
+            'flips': draws['flips'], 'skipped': np.array(bad, dtype=str)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalBatch:
+  """j -> this process's share of evaluation batch j, uint8, unreadable images masked out."""
+  sampler: input_pipeline.Sampler
+  source: FileSource
+  labels: np.ndarray
+  decoder: Decoder
+
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    draws = self.sampler.eval_draw(j)
+    mask = draws['mask'].copy()
+    images = np.zeros((len(mask), *self.decoder.shape), np.uint8)
+    images[mask], readable, bad = read_rows(self.source, self.decoder, draws['rows'][mask])
+    mask[np.flatnonzero(mask)[~readable]] = False
+    labels = np.where(mask, self.labels[draws['rows']], 0).astype(np.int32)
+    return {'image': images, 'label': labels, 'mask': mask, 'skipped': np.array(bad, dtype=str)}
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """Runs first in each worker.
+
+  A worker decodes on the CPU and must never take an accelerator (a worker that initialised
+  one held ~500 MB of GPU memory in Grain's issues 820 and 1199). And it ends with its trainer:
+  Grain's workers outlive a trainer killed with SIGKILL (they wait on its queue forever), so a
+  thread here waits for the parent's end and exits then.
+  """
+  del worker_index, worker_count
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=g-import-not-at-top  # Grain imports it; no backend has started
+  jax.config.update('jax_platforms', 'cpu')
+  parent = multiprocessing.parent_process()
+  if parent is not None:
+    def exit_with_parent():
+      parent.join()  # returns when the parent process has ended, however it ended
+      os._exit(1)  # pylint: disable=protected-access
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def worker_count(setting: int) -> int:
+  """config.stream_workers, with -1 (auto) as one worker per core but one (at least one)."""
+  if setting >= 0:
+    return setting
+  return max(1, min(len(os.sched_getaffinity(0)) - 1, MAX_AUTO_WORKERS))
+
+
+def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates a Grain MapDataset with `workers` processes (0: threads in this process), in
+  order, and stops its workers when the loop ends, however it ends."""
+  import grain  # pylint: disable=g-import-not-at-top  # only runs that stream pay its import
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():  # a library caller: Grain reads its absl flags (defaults here)
+    flags.FLAGS.mark_as_parsed()
+  if workers:
+    # Batches come back pickled through the workers' queues rather than in shared memory: a
+    # copy of ~10 MB per 224-px batch, for none of the shared-memory blocks that Grain left
+    # behind (and the resource tracker warned of) when a loop ended before its stream.
+    iterable = grain.experimental.WithOptionsIterDataset(dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)),
+        grain.experimental.DatasetOptions(min_shm_size=2**62)).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers,
+                                         per_worker_buffer_size=WORKER_BUFFER),
+            worker_init_fn=_worker_init)
+  else:
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=IN_PROCESS_THREADS, prefetch_buffer_size=IN_PROCESS_THREADS))
+  iterator = iter(iterable)
+  try:
+    yield from iterator
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()
+
+
+# --- In the trainer: the streamed Data --------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class StreamData(input_pipeline.Sampler):
+  """A folder's batches, streamed: the interface of `input_pipeline.Data` without its arrays.
+
+  Attributes (beyond `Sampler`'s):
+    num_classes, class_names, image_shape, preprocessor: as `Data`'s.
+    train_source, test_source: the files of each split.
+    train_labels, test_labels: int32 (N,).
+    decoder: the run's image sizes.
+    workers: worker processes (0: decoded on threads of the trainer).
+    skipped_files: the unreadable files met so far (each once), in the order met.
+  """
+  num_classes: int
+  class_names: list[str]
+  image_shape: tuple[int, int, int]
+  preprocessor: preprocessing.Preprocessor
+  train_source: FileSource = dataclasses.field(repr=False)
+  train_labels: np.ndarray = dataclasses.field(repr=False)
+  test_source: FileSource = dataclasses.field(repr=False)
+  test_labels: np.ndarray = dataclasses.field(repr=False)
+  decoder: Decoder
+  workers: int = 0
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
+  streamed = True
+  _skipped_lock: threading.Lock = dataclasses.field(init=False, repr=False,
+                                                    default_factory=threading.Lock)
+
+  def _note_skipped(self, lines) -> None:
+    with self._skipped_lock:
+      for line in lines:
+        if line not in self.skipped_files:
+          self.skipped_files.append(line)
+          logging.warning('Skipping %s (%d unreadable file(s) so far)', line,
+                          len(self.skipped_files))
+
+  def _images(self, source: FileSource, rows: np.ndarray) -> np.ndarray:
+    images, _, bad = read_rows(source, self.decoder, np.asarray(rows))
+    self._note_skipped(bad)
+    return images
+
+  def train_images(self, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), S, S, C) centre crops of training images (black where unreadable)."""
+    return self._images(self.train_source, rows)
+
+  def test_images(self, rows: np.ndarray) -> np.ndarray:
+    """uint8 (len(rows), S, S, C) test images as evaluated (black where unreadable)."""
+    return self._images(self.test_source, rows)
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite; item k is the training batch of step start_step + k, as `Data.train_batch`."""
+    import grain  # pylint: disable=g-import-not-at-top
+    steps = grain.MapDataset.range(start_step, 2**62)
+    uint8 = steps.map(TrainBatch(self.sampler(), self.train_source, self.train_labels,
+                                 self.decoder))
+    for batch in stream(uint8, self.workers):
+      self._note_skipped(batch['skipped'].tolist())
+      images = input_pipeline.augment_batch(self.preprocessor(batch['image']), batch,
+                                            self.augment)
+      yield {'image': images, 'label': batch['label']}
+
+  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over the test split, as `Data.eval_batches` (unreadable images masked out)."""
+    import grain  # pylint: disable=g-import-not-at-top
+    batches = grain.MapDataset.range(self.num_eval_batches).map(
+        EvalBatch(self.sampler(), self.test_source, self.test_labels, self.decoder))
+    for batch in stream(batches, self.workers):
+      self._note_skipped(batch['skipped'].tolist())
+      images = self.preprocessor(batch['image'])
+      images[~batch['mask']] = 0.0
+      yield {'image': images, 'label': batch['label'], 'mask': batch['mask']}
+
+
+def decoded_bytes(config: ml_collections.ConfigDict, num_images: int) -> int:
+  """What `num_images` training images take decoded in memory, as uint8 at image_size."""
+  return num_images * config.image_size ** 2 * config.image_channels
+
+
+def create_stream_data(config: ml_collections.ConfigDict, listing: datasets.FolderListing, *,
+                       process_index: int, process_count: int) -> StreamData:
+  """The streamed batches of a listed folder; fits the preprocessing on a sample of it."""
+  start = time.time()
+  decoder = Decoder(config.image_size, config.image_channels, config.resize_size)
+  train_source = FileSource(tuple(listing.train_files))
+  fit_images, skipped = _read_for_fit(train_source, decoder, config.seed)
+  preprocessor = input_pipeline.fit_or_load_preprocessor(
+      config.preprocess, fit_images, os.path.join(listing.root, datasets.CACHE_FOLDER),
+      config.dataset)
+  data = StreamData(
+      num_classes=len(listing.class_names), class_names=list(listing.class_names),
+      image_shape=decoder.shape, preprocessor=preprocessor,
+      num_train_examples=len(train_source), num_test_examples=len(listing.test_files),
+      batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
+      seed=int(config.seed) % 2**63, augment=config.augment,
+      translate_pixels=int(config.translate_pixels), process_index=process_index,
+      process_count=process_count, train_source=train_source, train_labels=listing.train_labels,
+      test_source=FileSource(tuple(listing.test_files)), test_labels=listing.test_labels,
+      decoder=decoder, workers=worker_count(config.stream_workers))
+  data._note_skipped(skipped)  # pylint: disable=protected-access
+  logging.info('%s: streaming %d train, %d test (%s) images, %d classes, with %d worker '
+               'process(es); %s fitted on %d of them; ready in %.1f s', listing.root,
+               data.num_train_examples, data.num_test_examples, listing.test_split,
+               data.num_classes, data.workers, config.preprocess, len(fit_images),
+               time.time() - start)
+  return data
+
+
+def _read_for_fit(source: FileSource, decoder: Decoder, seed: int
+                  ) -> tuple[np.ndarray, list[str]]:
+  """The readable centre crops of up to FIT_IMAGES training images (all of a folder that
+  size or smaller, in order, as the in-memory path fits on), decoded on a few threads; and the
+  unreadable files' lines."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  rows = np.arange(len(source))
+  if len(rows) > FIT_IMAGES:
+    rows = np.sort(np.random.default_rng([seed, _FIT_STREAM]).choice(
+        len(rows), FIT_IMAGES, replace=False))
+  chunks = np.array_split(rows, max(1, len(rows) // 64))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda chunk: read_rows(source, decoder, chunk), chunks))
+  images = np.concatenate([images[readable] for images, readable, _ in results])
+  if not len(images):
+    raise UserError(f'{source.name(0)}: not one of the {len(rows)} training images read to fit '
+                    'the preprocessing is readable')
+  return images, [line for _, _, bad in results for line in bad]
