@@ -60,6 +60,9 @@ STANDARDIZE_MIN_STD = 1e-6
 # Images per chunk when preprocessing a whole split: bounds the float32 temporaries
 # (4096 x 3072 x 4 bytes = 48 MiB) without slowing the matrix products.
 _CHUNK = 4096
+# ... and values per chunk where the fit computes in float64: 4096 CIFAR images, 83 ImageNet
+# crops of 224 x 224 x 3 (100 MB; a chunk of 4096 of those took 4.9 GB, twice).
+_CHUNK_VALUES = _CHUNK * 32 * 32 * 3
 
 # The largest matrix products of the jnp twins (ZCA: 3072x3072) in full float32, as on the
 # host: accelerators otherwise run float32 products in TF32/bfloat16 passes.
@@ -220,8 +223,9 @@ def _fit_standardize(images: np.ndarray) -> dict[str, np.ndarray]:
   channels = images.shape[-1]
   total = np.zeros(channels, np.float64)
   total_sq = np.zeros(channels, np.float64)
-  for start in range(0, len(images), _CHUNK):  # chunks: EMNIST has 700k images
-    chunk = images[start:start + _CHUNK].reshape(-1, channels).astype(np.float64) / 255.0
+  step = min(_CHUNK, max(1, _CHUNK_VALUES // images[0].size))
+  for start in range(0, len(images), step):  # chunks: EMNIST has 700k images
+    chunk = images[start:start + step].reshape(-1, channels).astype(np.float64) / 255.0
     total += chunk.sum(axis=0)
     total_sq += np.square(chunk).sum(axis=0)
   count = len(images) * images.shape[1] * images.shape[2]

@@ -24,6 +24,10 @@ _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_pl
                         'jax_rocm7_plugin', 'libtpu')
 
 
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8  # glibc's mallopt
+_keeping_freed_memory = False
+
+
 def keep_freed_memory() -> bool:
   """On a CPU-only Linux host, makes glibc's malloc keep and reuse the memory XLA frees.
 
@@ -46,9 +50,30 @@ def keep_freed_memory() -> bool:
     mallopt = ctypes.CDLL('libc.so.6').mallopt
   except (OSError, AttributeError):  # not glibc (e.g. musl)
     return False
-  m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8
-  return all(mallopt(option, value) == 1 for option, value in (
-      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1), (m_top_pad, 0)))
+  global _keeping_freed_memory
+  _keeping_freed_memory = all(mallopt(option, value) == 1 for option, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 0)))
+  return _keeping_freed_memory
+
+
+def stop_keeping_freed_memory() -> bool:
+  """Undoes `keep_freed_memory` for the rest of the run (glibc's mmap and trimming again); a
+  no-op where it was not applied. Returns whether it was.
+
+  For a streamed run: its data is beyond memory, and its trainer's must stay bounded. A heap
+  that never returns memory grows with fragmentation, most where evaluation's temporaries
+  interleave with training's: `experiments/imagenet.py` on one CPU held 4.1-5.3 GB with it,
+  2.1-2.9 GB without (docs/streaming.md).
+  """
+  global _keeping_freed_memory
+  if not _keeping_freed_memory:
+    return False
+  mallopt = ctypes.CDLL('libc.so.6').mallopt
+  # glibc's defaults: 65536 mmaps at most, 128 KiB trim threshold (its dynamic threshold stays off)
+  mallopt(_M_MMAP_MAX, 65536)
+  mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+  _keeping_freed_memory = False
+  return True
 
 
 # --- Several processes ---------------------------------------------------------------------------

@@ -49,12 +49,17 @@ if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hos
   import ml_collections
 
 # The preprocessing is fitted on at most this many training images (centre crops), drawn with
-# the run's seed: a folder this size or smaller is fitted on all of it, as in memory.
+# the run's seed, and on at most FIT_MAX_BYTES of them decoded (445 ImageNet crops of 224 x 224:
+# per-channel statistics need no more); a folder within both is fitted on all of it, as in memory.
 FIT_IMAGES = 2048
+FIT_MAX_BYTES = 64 * 2**20
 # Most worker processes 'auto' (stream_workers=-1) starts; it starts one per core but one.
 MAX_AUTO_WORKERS = 16
 # Batches each worker prepares ahead of the one being trained on.
 WORKER_BUFFER = 2
+# Arrays from the workers at least this large come through shared memory (the images), smaller
+# ones (labels, draws) pickled with their batch.
+SHARED_MEMORY_MIN_BYTES = 2**16
 # Threads that decode in the trainer itself with stream_workers=0 (PIL releases the GIL).
 IN_PROCESS_THREADS = 2
 _FIT_STREAM = 3  # a random stream of its own (input_pipeline uses 0 and 1, train.init_images 2)
@@ -186,6 +191,19 @@ def worker_count(setting: int) -> int:
   return max(1, min(len(os.sched_getaffinity(0)) - 1, MAX_AUTO_WORKERS))
 
 
+def _owned(array: np.ndarray) -> np.ndarray:
+  """A worker's array as the trainer's own: a shared-memory block is copied and released now
+  (Grain would release it from a thread, later, and may not before the trainer exits)."""
+  shm = getattr(array, 'shm', None)
+  if shm is None:
+    return array
+  owned = np.array(array)
+  array._unlink_on_del = False  # pylint: disable=protected-access  # released here, once
+  shm.close()
+  shm.unlink()
+  return owned
+
+
 def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
   """Iterates a Grain MapDataset with `workers` processes (0: threads in this process), in
   order, and stops its workers when the loop ends, however it ends."""
@@ -194,12 +212,9 @@ def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
   if not flags.FLAGS.is_parsed():  # a library caller: Grain reads its absl flags (defaults here)
     flags.FLAGS.mark_as_parsed()
   if workers:
-    # Batches come back pickled through the workers' queues rather than in shared memory: a
-    # copy of ~10 MB per 224-px batch, for none of the shared-memory blocks that Grain left
-    # behind (and the resource tracker warned of) when a loop ended before its stream.
     iterable = grain.experimental.WithOptionsIterDataset(dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)),
-        grain.experimental.DatasetOptions(min_shm_size=2**62)).mp_prefetch(
+        grain.experimental.DatasetOptions(min_shm_size=SHARED_MEMORY_MIN_BYTES)).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers,
                                          per_worker_buffer_size=WORKER_BUFFER),
             worker_init_fn=_worker_init)
@@ -208,7 +223,8 @@ def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
         num_threads=IN_PROCESS_THREADS, prefetch_buffer_size=IN_PROCESS_THREADS))
   iterator = iter(iterable)
   try:
-    yield from iterator
+    for element in iterator:
+      yield {key: _owned(value) for key, value in element.items()}
   finally:
     close = getattr(iterator, 'close', None)
     if close is not None:
@@ -326,14 +342,15 @@ def create_stream_data(config: ml_collections.ConfigDict, listing: datasets.Fold
 
 def _read_for_fit(source: FileSource, decoder: Decoder, seed: int
                   ) -> tuple[np.ndarray, list[str]]:
-  """The readable centre crops of up to FIT_IMAGES training images (all of a folder that
-  size or smaller, in order, as the in-memory path fits on), decoded on a few threads; and the
+  """The readable centre crops of a sample of the training images (see FIT_IMAGES; all of a
+  small folder, in order, as the in-memory path fits on), decoded on a few threads; and the
   unreadable files' lines."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   rows = np.arange(len(source))
-  if len(rows) > FIT_IMAGES:
+  count = min(FIT_IMAGES, max(1, FIT_MAX_BYTES // int(np.prod(decoder.shape))))
+  if len(rows) > count:
     rows = np.sort(np.random.default_rng([seed, _FIT_STREAM]).choice(
-        len(rows), FIT_IMAGES, replace=False))
+        len(rows), count, replace=False))
   chunks = np.array_split(rows, max(1, len(rows) // 64))
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     results = list(pool.map(lambda chunk: read_rows(source, decoder, chunk), chunks))

@@ -32,6 +32,7 @@ from nin_jax import metrics_log
 from nin_jax import models
 from nin_jax import parallel
 from nin_jax import run_files
+from nin_jax import runtime
 from nin_jax import settings
 from nin_jax.errors import UserError
 
@@ -274,6 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # The host sends either whole batches, or (device path) only their draws: the rows and
   # augmentation of each image, turned into the same batch on the devices inside the step.
   pipeline = device_input.choose_pipeline(config.input_pipeline, data)
+  if pipeline == 'stream' and runtime.stop_keeping_freed_memory():
+    logging.info('Streaming: malloc gives freed memory back again (--keep_freed_memory is for '
+                 'runs whose data is in memory)')
   steps = parallel.jit_steps(mesh, *functions, device_data=data if pipeline == 'device' else None)
   init_fn, update_fn, eval_fn = steps.init, steps.train, steps.eval
   if pipeline == 'device':
