@@ -247,14 +247,16 @@ def expand_image_paths(paths: Sequence[str]) -> list[str]:
   return files
 
 
-def load_images(paths: Sequence[str], image_shape: tuple[int, int, int]) -> np.ndarray:
-  """Image files -> (N, H, W, C) uint8, resized and converted as training did.
+def load_images(paths: Sequence[str], image_shape: tuple[int, int, int],
+                resize_size: int = 0) -> np.ndarray:
+  """Image files -> (N, H, W, C) uint8, resized and converted as evaluation did (the run's
+  config.resize_size > 0: the shorter side to it, then the centre crop).
 
   Raises:
     UserError: naming the first file that is not a readable image.
   """
   h, _, c = image_shape
-  images = [datasets.load_image(p, h, c) for p in paths]
+  images = [datasets.load_image(p, h, c, resize_size=resize_size) for p in paths]
   return np.stack(images) if images else np.zeros((0,) + tuple(image_shape), np.uint8)
 
 

@@ -381,17 +381,16 @@ def streams(config: ml_collections.ConfigDict, listing: datasets.FolderListing) 
   if config.input_pipeline != 'auto':
     return config.input_pipeline == 'stream'
   needed = len(listing.train_files) * config.image_size ** 2 * config.image_channels
-  limit = config.stream_memory_fraction * host_memory_bytes()
-  if augment.crops(config.augment):
-    logging.info('input_pipeline=auto: streaming %s: augment=crop_flip crops each image where '
-                 'it is decoded', listing.root)
-    return True
-  chosen = needed > limit
+  memory = host_memory_bytes()
+  limit = config.stream_memory_fraction * memory
+  crops = augment.crops(config.augment)
+  chosen = needed > limit or crops
   logging.info('input_pipeline=auto: %s: the decoded training images (%d at %dx%dx%d, %.2f GiB) '
-               '%s %.0f%% of this host\'s memory (%.2f GiB): %s', listing.root,
+               '%s %.0f%% of this host\'s %.1f GiB of memory%s: %s', listing.root,
                len(listing.train_files), config.image_size, config.image_size,
-               config.image_channels, needed / 2**30, 'exceed' if chosen else 'fit in',
-               100 * config.stream_memory_fraction, limit / 2**30,
+               config.image_channels, needed / 2**30, 'exceed' if needed > limit else 'fit in',
+               100 * config.stream_memory_fraction, memory / 2**30,
+               '; augment=crop_flip crops each image where it is decoded' if crops else '',
                'streaming them' if chosen else 'decoding them into memory')
   return chosen
 

@@ -48,7 +48,7 @@ def predict_files(workdir: str, paths: Sequence[str], top_k: int = 1, batch_size
   run = inference.load_run(workdir)
   top_k = min(top_k, len(run.class_names))
   for chunk in inference.batched(files, batch_size):
-    images = inference.load_images(chunk, run.image_shape)
+    images = inference.load_images(chunk, run.image_shape, run.config.get('resize_size', 0))
     for path, probs in zip(chunk, run.predict(images, batch_size=batch_size)):
       out.write(format_line(path, probs, run.class_names, top_k) + '\n')
     out.flush()

@@ -119,16 +119,20 @@ def read_rows(source: FileSource, decoder: Decoder, rows: np.ndarray,
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TrainBatch:
+class _SplitBatches:
+  """What a worker needs to make one split's batches: pickled to each worker once."""
+  sampler: input_pipeline.Sampler
+  source: FileSource
+  labels: np.ndarray
+  decoder: Decoder
+
+
+class TrainBatch(_SplitBatches):
   """step -> this process's share of that step's training batch, uint8, before preprocessing.
 
   {'image': uint8 (B/P, S, S, C), 'label': int32 (B/P,), 'shifts', 'flips' (the draws the
   trainer applies after preprocessing), 'skipped': the unreadable files' lines}.
   """
-  sampler: input_pipeline.Sampler
-  source: FileSource
-  labels: np.ndarray
-  decoder: Decoder
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     draws = self.sampler.train_draws(step)
@@ -146,13 +150,8 @@ class TrainBatch:
             'flips': draws['flips'], 'skipped': np.array(bad, dtype=str)}
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class EvalBatch:
+class EvalBatch(_SplitBatches):
   """j -> this process's share of evaluation batch j, uint8, unreadable images masked out."""
-  sampler: input_pipeline.Sampler
-  source: FileSource
-  labels: np.ndarray
-  decoder: Decoder
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     draws = self.sampler.eval_draw(j)

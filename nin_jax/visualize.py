@@ -134,7 +134,7 @@ def visualize(workdir: str, out: str, image_paths: Sequence[str] = (), num_image
                     "makes the last mlpconv's maps class confidence maps")
   run = inference.load_run(workdir)
   if files:
-    shown = inference.load_images(files, run.image_shape)
+    shown = inference.load_images(files, run.image_shape, run.config.get('resize_size', 0))
     captions = [_short(os.path.basename(p), 22) for p in files]
   else:
     shown, labels = sample_test_images(run.config, num_images)
