@@ -489,9 +489,10 @@ def _load_folder(config: ml_collections.ConfigDict, listing: FolderListing):
     arrays[f'{split}_images'] = (np.stack([decoded[i] for i in kept]) if kept
                                  else np.zeros(shape, np.uint8))
     arrays[f'{split}_labels'] = labels[kept]
-  for label, name in enumerate(listing.class_names):
-    if not (arrays['train_labels'] == label).any():
-      raise UserError(f'{listing.root}: class {name!r} has no readable training image')
+  counts = np.bincount(arrays['train_labels'], minlength=len(listing.class_names))
+  if not counts.all():
+    name = listing.class_names[int(np.argmin(counts))]
+    raise UserError(f'{listing.root}: class {name!r} has no readable training image')
   if not len(arrays['test_labels']):
     raise UserError(f'{listing.root}: no readable test image')
   return arrays, listing.class_names, skipped

@@ -259,11 +259,13 @@ class StreamData(input_pipeline.Sampler):
   streamed = True
   _skipped_lock: threading.Lock = dataclasses.field(init=False, repr=False,
                                                     default_factory=threading.Lock)
+  _skipped_seen: set[str] = dataclasses.field(init=False, repr=False, default_factory=set)
 
   def _note_skipped(self, lines) -> None:
     with self._skipped_lock:
       for line in lines:
-        if line not in self.skipped_files:
+        if line not in self._skipped_seen:
+          self._skipped_seen.add(line)
           self.skipped_files.append(line)
           logging.warning('Skipping %s (%d unreadable file(s) so far)', line,
                           len(self.skipped_files))
