@@ -20,10 +20,11 @@ folder dataset does.
 - `train`: writes the split as a folder tree and runs `nin_jax.train.train_and_evaluate` with
   the config as written but for `--epochs` (num_epochs) and the folder dataset: exactly what a
   user's `python -m nin_jax.main --config ... --config.dataset=folder` runs.
-- `probe`: the config's own optimizer, schedule (its full length on this data), init and train
-  step, for at most `--steps` steps; every `--every` steps the share of live ReLUs per layer, the
-  class maps' range, the logit scale and per-layer gradient norms on a fixed batch. It reports
-  the first step where the loss (mean of the last 5 steps) is below `--chance_fraction` x ln C.
+- `probe`: `nin_jax.probe`: the config's own optimizer, schedule (its full length on this
+  data), init and train step, for at most `--steps` steps; every `--every` steps the share of
+  live ReLUs per layer, the class maps' range, the logit scale and per-layer gradient norms on a
+  fixed batch. It reports the first step where the loss (mean of the last 5 steps) is below
+  `--chance_fraction` x ln C.
 - `torch`: jiecaoyu/pytorch-nin-cifar10's recipe, the best-known public one for this net:
   N(0, 0.05) weights, zero biases, base rate 0.1, momentum 0.9, weight decay 1e-4 on weights,
   biases x2, the last cccp x0.1 (its step decay starts at epoch 80: constant here), batch 128,
@@ -38,9 +39,8 @@ written without it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -53,90 +53,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-
-# --- Data ---------------------------------------------------------------------------------------
-
-def load_images(source: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """(uint8 (N, H, W, C) images, int32 labels, class names) of an npz, a folder or 'digits'."""
-  if source == 'digits':
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    images = (digits.images * (255 / 16)).round().astype(np.uint8)[..., None]
-    return images, digits.target.astype(np.int32), [str(d) for d in range(10)]
-  if source.endswith('.npz'):
-    with np.load(source) as f:
-      images = f['images']
-      if images.ndim == 3:
-        images = images[..., None]
-      return (images.astype(np.uint8), f['labels'].astype(np.int32),
-              [str(c) for c in f['class_names']])
-  from nin_jax import datasets
-  classes = sorted(c for c in os.listdir(source) if not c.startswith('.'))
-  images, labels = [], []
-  for label, name in enumerate(classes):
-    for file in sorted(os.listdir(os.path.join(source, name))):
-      images.append(datasets.load_image(os.path.join(source, name, file), 32, 3))
-      labels.append(label)
-  return np.stack(images), np.asarray(labels, np.int32), classes
-
-
-def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
-  """As the folder dataset converts: luma or RGB by repetition, bilinear resize."""
-  from PIL import Image
-  if images.shape[1:] == (size, size, channels):
-    return images
-  out = []
-  for image in images:
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    pil = pil.convert('L' if channels == 1 else 'RGB')
-    if pil.size != (size, size):
-      pil = pil.resize((size, size), Image.Resampling.BILINEAR)
-    out.append(np.asarray(pil).reshape(size, size, channels))
-  return np.stack(out)
-
-
-def split(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Stratified (train rows, held-out rows), drawn with seed 0 whatever the run's seed."""
-  rng = np.random.default_rng(0)
-  train, held_out = [], []
-  for c in np.unique(labels):
-    rows = rng.permutation(np.flatnonzero(labels == c))
-    n = int(round(val_fraction * len(rows)))
-    held_out.append(rows[:n])
-    train.append(rows[n:])
-  return np.sort(np.concatenate(train)), np.sort(np.concatenate(held_out))
-
-
-def load_config(path: str, seed: int, overrides: list[str], epochs: int | None):
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, text = item.split('=', 1)
-    try:
-      value = json.loads(text)
-    except json.JSONDecodeError:  # a bare string: --set init=data
-      value = text
-    config[key] = tuple(value) if isinstance(config[key], (tuple, list)) else type(config[key])(
-        value)
-  config.seed = seed
-  if epochs is not None:
-    config.num_epochs = epochs
-  config.progress_bar = False
-  return config
-
-
-def make_data(config, images, labels, class_names, rows_train, rows_test):
-  """The Data a run of `config` trains on; class names padded to config.num_classes (CIFAR-100
-  or EMNIST-shaped nets on 10-class data)."""
-  from nin_jax import input_pipeline
-  images = resize(images, config.image_size, config.image_channels)
-  names = list(class_names) + [f'unused_{i}' for i in range(len(class_names),
-                                                            config.num_classes)]
-  return input_pipeline.data_from_arrays(
-      config, train_images=images[rows_train], train_labels=labels[rows_train],
-      test_images=images[rows_test], test_labels=labels[rows_test], class_names=names)
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from nin_jax.probe import load_config, load_images, make_data, probe, resize, split
 
 
 # --- The trainer, as a user runs it ---------------------------------------------------------------
@@ -166,84 +84,13 @@ def run_trainer(config, images, labels, class_names, rows_train, rows_test) -> d
           'seconds': round(time.time() - start, 1)}
 
 
-# --- The first steps, with every layer's health ---------------------------------------------------
-
-def make_health_fn(model):
-  """fn(params, images, labels) -> per-layer live ReLU share and gradient norm, the class
-  maps' range and the logit scale, on one batch with dropout off."""
-  import jax
-  import jax.numpy as jnp
-  from nin_jax import models, train
-
-  def health(params, images, labels):
-    def loss_fn(p):
-      logits, captured = model.apply({'params': p}, images, train=False,
-                                     capture_intermediates=True, mutable=['intermediates'])
-      return train.cross_entropy(logits, labels).mean(), (logits, captured['intermediates'])
-    (loss, (logits, captured)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    live, grad_norms, paths = [], [], models.layer_paths(params)
-    for path in paths:
-      out, g = captured, grads
-      for name in path:
-        out, g = out[name], g[name]
-      live.append(jnp.mean(out['__call__'][0] > 0))
-      grad_norms.append(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(g))))
-    maps = (captured[paths[-1][0]][paths[-1][1]]['__call__'][0] if model.head == 'gap'
-            else logits[:, None, None, :])
-    alive_classes = jnp.mean(jnp.any(maps > 0, axis=(0, 1, 2)))
-    return {'loss': loss, 'live_relu': jnp.stack(live), 'grad_norm': jnp.stack(grad_norms),
-            'class_map_min': jnp.min(maps), 'class_map_max': jnp.max(maps),
-            'classes_alive': alive_classes, 'logit_std': jnp.std(logits),
-            'logit_mean': jnp.mean(logits)}
-  return jax.jit(health)
-
-
-def probe(config, data, steps: int, every: int, chance_fraction: float) -> dict[str, Any]:
-  import functools
-  import jax
-  from nin_jax import models, train
-  spe = data.steps_per_epoch
-  num_steps = train.total_steps(config, spe)
-  model = models.model_from_config(config)
-  lr_fn = train.create_learning_rate_fn(config, num_steps)
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros((1, *data.image_shape), np.float32), train=False))['params']
-  tx = train.create_optimizer(config, abstract, lr_fn, spe, num_steps)
-  init = jax.jit(functools.partial(train.create_train_state, model=model, tx=tx,
-                                   image_shape=data.image_shape))
-  state = init(jax.random.key(config.seed), train.init_images(config, data))
-  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                      learning_rate_fn=lr_fn, seed=config.seed), donate_argnums=0)
-  health_fn = make_health_fn(model)
-  fixed = data.train_batch(0)
-  threshold = chance_fraction * math.log(data.num_classes)
-  losses, grad_norms, health, below = [], [], [], None
-  start = time.time()
-  for step in range(steps):
-    if every and step % every == 0:
-      h = jax.device_get(health_fn(state['params'], fixed['image'], fixed['label']))
-      health.append({'step': step, **{k: np.round(np.asarray(v), 4).tolist()
-                                      for k, v in h.items()}})
-    state, metrics = step_fn(state, data.train_batch(step))
-    losses.append(float(metrics['train_loss']))
-    grad_norms.append(float(metrics['grad_norm']))
-    if below is None and len(losses) >= 5 and np.mean(losses[-5:]) < threshold:
-      below = step + 1
-      if not every:
-        break
-  return {'steps_run': len(losses), 'first_step_below': below, 'threshold': round(threshold, 4),
-          'num_steps_of_config': num_steps, 'losses': [round(x, 4) for x in losses],
-          'grad_norms': [round(x, 4) for x in grad_norms],
-          'layers': ['/'.join(p) for p in models.layer_paths(state['params'])], 'health': health,
-          'seconds': round(time.time() - start, 1)}
-
-
 # --- The PyTorch reference ------------------------------------------------------------------------
 
 def run_torch(config, data, epochs: int) -> dict[str, Any]:
+  import jax
   import torch
   from benchmarks.compare_pytorch import torch_nin
-  from nin_jax import models
+  from nin_jax import device_input, models
   torch.manual_seed(config.seed)
   torch.set_num_threads(os.cpu_count() or 1)
   model = models.get_model(config.model, data.num_classes, dropout_rate=config.dropout_rate)
@@ -263,11 +110,16 @@ def run_torch(config, data, epochs: int) -> dict[str, Any]:
   loss_fn = torch.nn.CrossEntropyLoss()
   spe = data.steps_per_epoch
   total = int(round(epochs * spe))
+  # Our batches as the train and eval steps make them (preprocessed; translated and mirrored).
+  statistics = device_input.put_on_devices(
+      data, jax.sharding.SingleDeviceSharding(jax.devices()[0]), dataset=False)
+  make_train, make_eval = (jax.jit(f) for f in device_input.batch_makers(data))
+  made = lambda make, batch: jax.device_get(make(batch, statistics))
   to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   accuracy, losses = {}, {}
   start = time.time()
   for step in range(total):
-    batch = data.train_batch(step)
+    batch = made(make_train, data.train_batch(step))
     net.train()
     opt.zero_grad()
     loss = loss_fn(net(to_torch(batch['image'])), torch.from_numpy(batch['label']).long())
@@ -278,7 +130,7 @@ def run_torch(config, data, epochs: int) -> dict[str, Any]:
       net.eval()
       correct = count = 0
       with torch.no_grad():
-        for b in data.eval_batches():
+        for b in map(functools.partial(made, make_eval), data.eval_batches()):
           pred = net(to_torch(b['image'])).argmax(1).numpy()
           correct += int(np.sum((pred == b['label']) & b['mask']))
           count += int(b['mask'].sum())

@@ -1,12 +1,12 @@
-"""Augmentation: random translation, crops and horizontal flip, in numpy (host) and jnp (devices).
+"""Augmentation: random translation, crops and horizontal flip.
 
 config.augment is 'none', 'translate' (shift each image by up to config.translate_pixels in y
 and in x, zero fill), 'translate_flip' (and mirror half of them left-right) or 'crop_flip' (a
 random image_size window of each image resized to config.resize_size, the ImageNet nets' crops,
 cut where the image is decoded: `datasets.decode_image`; and mirror half of them). `moves` and
-`crops` are the one place that reads the setting. The draws of a batch come from `Data.train_draws`; the host
-path applies them with `translate_and_flip`, the device path with its jnp twin
-`translate_and_flip_jnp`, so both give the same batches (tests/device_input_test.py).
+`crops` are the one place that reads the setting. The draws of a batch are numbers drawn on the
+host (`draw`, `draw_crops`, from `Sampler.train_draws`); `augment` applies the translations and
+flips in jnp, inside the jitted train step, whichever path brought the batch.
 """
 
 from __future__ import annotations
@@ -16,21 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from nin_jax import settings
-from nin_jax.errors import UserError
-
-AUGMENTS = settings.AUGMENTS
 
 
 def moves(augment: str) -> tuple[bool, bool]:
   """(translates, flips): what the augment setting does to a preprocessed training image."""
-  if augment not in AUGMENTS:
-    raise UserError(f'config.augment={augment!r} is not one of {", ".join(AUGMENTS)}')
+  if augment not in settings.AUGMENTS:
+    raise ValueError(f'augment {augment!r}: expected one of {settings.AUGMENTS}')
   return augment in ('translate', 'translate_flip'), augment in ('translate_flip', 'crop_flip')
 
 
 def crops(augment: str) -> bool:
   """Whether training images are random crops (decided where they are decoded)."""
-  moves(augment)  # UserError for an unknown setting
+  moves(augment)  # ValueError for an unknown setting
   return augment == 'crop_flip'
 
 
@@ -57,45 +54,24 @@ def draw_crops(rng: np.random.Generator, augment: str, batch_size: int) -> np.nd
   return rng.random((batch_size, 2)) if crops(augment) else None
 
 
-def translate_and_flip(images: np.ndarray, shifts: np.ndarray, flips: np.ndarray,
-                       rows: np.ndarray | None = None) -> np.ndarray:
+def translate_and_flip(images: jax.Array, shifts: jax.Array, flips: jax.Array | None,
+                       max_shift: int) -> jax.Array:
   """Shifts each image by whole pixels (zero fill), then mirrors some of them left-right.
 
-  out[i, y, x] = images[rows[i], y - dy_i, x - dx_i] (0 outside), mirrored in x where flips[i].
-  Zero is the training mean after 'standardize' and 'gcn_zca', so the filled border looks like
-  an average pixel, not like a black frame. Gathering `rows` here, straight from the whole
-  split, writes each batch pixel once: the batch array is the only new memory (fresh pages
-  are a large part of the cost on a busy two-core host), and 128 CIFAR images take ~1 ms.
+  out[i, y, x] = images[i, y - dy_i, x - dx_i] (0 outside), mirrored in x where flips[i]. Zero is
+  the training mean after 'standardize' and 'gcn_zca', so the filled border looks like an
+  average pixel, not like a black frame. Each image is mirrored first and then shifted by -dx
+  (the same thing), as a window of the zero-padded image at a per-image offset.
 
   Args:
-    images: float32 (N, H, W, C), already preprocessed.
-    shifts: int (B, 2), (dy, dx) with |dy| < H and |dx| < W.
-    flips: bool (B,), mirror these images.
-    rows: int (B,), which images; None: all of them, in order (B = N).
+    images: float32 (B, H, W, C), already preprocessed.
+    shifts: int (B, 2), (dy, dx) with |dy|, |dx| <= max_shift.
+    flips: bool (B,), mirror these images; None: none is mirrored.
+    max_shift: the largest shift; 0: none is shifted. Either way the step makes no pass over
+      the batch for what is not done.
 
   Returns:
-    float32 (B, H, W, C), a new array.
-  """
-  rows = np.arange(len(images)) if rows is None else rows
-  _, h, w, c = images.shape
-  out = np.zeros((len(rows), h, w, c), images.dtype)
-  for i, (row, (dy, dx), flip) in enumerate(zip(rows.tolist(), shifts.tolist(), flips.tolist())):
-    image = images[row]
-    if flip:  # mirror(shift(x, dx)) = shift(mirror(x), -dx)
-      image, dx = image[:, ::-1], -dx
-    out[i, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
-        image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)])
-  return out
-
-
-def translate_and_flip_jnp(images: jax.Array, shifts: jax.Array, flips: jax.Array | None,
-                           max_shift: int) -> jax.Array:
-  """`translate_and_flip` on the devices, with |dy|, |dx| <= max_shift. flips=None: no image
-  is mirrored; max_shift=0: none is shifted. Either way the step makes no pass over the batch
-  for what is not done.
-
-  Each image is mirrored first and then shifted by -dx (the same thing), as a window of the
-  zero-padded image at a per-image offset.
+    float32 (B, H, W, C).
   """
   _, h, w, c = images.shape
   dy, dx = shifts[:, 0], shifts[:, 1]
@@ -110,9 +86,10 @@ def translate_and_flip_jnp(images: jax.Array, shifts: jax.Array, flips: jax.Arra
   return jax.vmap(window)(padded, dy, dx)
 
 
-def augment_jnp(augment: str, images: jax.Array, shifts: jax.Array, flips: jax.Array,
-                translate_pixels: int) -> jax.Array:
-  """The device path's augmentation of a preprocessed batch, float32 (B, H, W, C)."""
-  translates, mirrors = moves(augment)
-  return translate_and_flip_jnp(images, shifts, flips if mirrors else None,
-                                translate_pixels if translates else 0)
+def augment(setting: str, images: jax.Array, shifts: jax.Array, flips: jax.Array,
+            translate_pixels: int) -> jax.Array:
+  """config.augment's translation and flips of a preprocessed batch, float32 (B, H, W, C), with
+  the draws of `Sampler.train_draws`: inside the jitted train step, for every input path."""
+  translates, mirrors = moves(setting)
+  return translate_and_flip(images, shifts, flips if mirrors else None,
+                            translate_pixels if translates else 0)

@@ -6,7 +6,7 @@ r"""How fast a net trains and infers here: images per second of training's own j
   python -m nin_jax.benchmark input --config experiments/cifar10_aug.py --mock
 
 `train` times training's update step, `eval` its evaluation step: `train.train_step` and
-`train.eval_step`, bound to the optimizer of the default config (experiments/default.py: SGD
+`train.eval_step`, bound to the optimizer of the default config (`nin_jax.default_config`: SGD
 with momentum, weight decay on weights, the authors' per-layer rates, the guard that keeps the
 last good parameters on a non-finite step; dropout on) and jitted over training's mesh by the
 same code as training (`train.step_functions`, `parallel.jit_steps`), so its figures are
@@ -22,15 +22,15 @@ step_ms_mean), compile_seconds, gflops_per_sec (model FLOPs: 2 × multiply-accum
 training step, × 1 for a forward pass; pools, ReLUs and the optimizer not counted), peak_rss_mb,
 backend, device_count, mode, model, batch_size, dtype, conv_impl (resolved), image_shape, input,
 steps, and malloc_tuned (see `runtime.keep_freed_memory`). Nothing here imports TensorFlow, and
-`train`/`eval` need no ml_collections: the accelerator machines have neither. docs/benchmarks.md
-has the figures and benchmarks/ the comparison with PyTorch.
+`train`/`eval` need no ml_collections: the accelerator machines have neither. The defaults are the
+package's, so it runs from any folder. docs/benchmarks.md has the figures and benchmarks/ the
+comparison with PyTorch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -39,24 +39,24 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from typing import Any, Callable
-from unittest import mock as _mock
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 try:  # only `input` reads a config file; the accelerator machines may lack ml_collections
   from ml_collections import config_flags
 except ImportError:
   config_flags = None
 
+from nin_jax import architectures
 from nin_jax import convs
+from nin_jax import default_config
 from nin_jax import models
 from nin_jax import parallel
 from nin_jax import runtime
+from nin_jax import settings
 from nin_jax import train
 from nin_jax.errors import UserError
 
@@ -67,8 +67,6 @@ DEFAULT_INPUTS = {
     'nin_cifar': (32, 3), 'nin_cifar_caffe': (32, 3), 'nin_svhn': (32, 3),
     'nin_mnist': (28, 1), 'nin_small': (28, 1), 'nin_imagenet': (224, 3),
 }
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'experiments', 'default.py')
 # What the benchmark changes in the default config besides the net, batch and dtype: the input
 # paths time the CIFAR-10 augmentation recipe, and the schedule spans a benchmark-sized run (it
 # sets the rates, not the speed).
@@ -79,40 +77,10 @@ BENCHMARK_FIELDS = dict(preprocess='standardize', augment='translate_flip', tran
 def default_input(model_name: str) -> tuple[int, int]:
   """(image_size, image_channels) the named net is made for: 32×32×3 for CIFAR/SVHN (and nets
   not listed), 28×28×1 for MNIST and the small character net, 224×224×3 for ImageNet."""
-  if model_name not in models.MODELS:
-    raise UserError(f'--model={model_name!r}: expected one of {sorted(models.MODELS)}')
+  if model_name not in architectures.MODELS:
+    raise UserError(f'--model={model_name!r}: expected one of '
+                    f'{", ".join(n for n in architectures.MODELS if not n.startswith("_"))}')
   return DEFAULT_INPUTS.get(model_name, (32, 3))
-
-
-class _ConfigDict(dict):
-  """Stands in for ml_collections.ConfigDict where that is not installed (the accelerator
-  machines): the default config only sets fields, and training only reads them."""
-
-  def __getattr__(self, key):
-    try:
-      return self[key]
-    except KeyError:
-      raise AttributeError(key) from None
-
-  def __setattr__(self, key, value):
-    self[key] = value
-
-
-def default_config():
-  """experiments/default.py's config: every field of a run, with its default."""
-  if not os.path.isfile(DEFAULT_CONFIG):
-    raise UserError(f'{DEFAULT_CONFIG} not found: run the benchmark from the repository')
-  spec = importlib.util.spec_from_file_location('_nin_jax_default_config', DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    import ml_collections  # pylint: disable=g-import-not-at-top,unused-import
-    spec.loader.exec_module(module)
-  except ImportError:
-    stand_in = types.ModuleType('ml_collections')
-    stand_in.ConfigDict = _ConfigDict
-    with _mock.patch.dict(sys.modules, {'ml_collections': stand_in}):
-      spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def benchmark_config(model_name: str, *, batch_size: int, dtype: str, num_classes: int,
@@ -121,14 +89,15 @@ def benchmark_config(model_name: str, *, batch_size: int, dtype: str, num_classe
   """The config the benchmark's steps are built from: the default config with
   `BENCHMARK_FIELDS`, then `fields` (any other field, e.g. weight_decay), then the named net,
   batch (for evaluation too), dtype and input shape."""
-  config = default_config()
-  settings = {**BENCHMARK_FIELDS, **fields, 'model': model_name, 'batch_size': batch_size,
+  config = default_config.get_config()
+  values = {**BENCHMARK_FIELDS, **fields, 'model': model_name, 'batch_size': batch_size,
               'eval_batch_size': batch_size, 'dtype': dtype, 'num_classes': num_classes,
               'image_size': image_size, 'image_channels': image_channels,
               'conv_impl': conv_impl, 'seed': seed}
-  for key, value in settings.items():
+  for key, value in values.items():
     if key not in config:
-      raise UserError(f'the config has no field {key!r}; the fields are in {DEFAULT_CONFIG}')
+      raise UserError(f'the config has no field {key!r}; the fields are in '
+                      'nin_jax/default_config.py')
     setattr(config, key, value)
   return config
 
@@ -193,12 +162,12 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
 
   The steps are built from `benchmark_config` (`config_overrides`: any other config field, e.g.
   weight_decay or lr_multipliers); `model_overrides` go to `models.get_model` (tests use them
-  for tiny nets). With input='none' the images are normal noise, float32 NHWC, `batch_size` of
-  them split over all devices and reused every step: the model's speed alone. A training step
-  can also take each step's batch from an input path of training, over `num_images` random
-  uint8 images (`random_data`): 'host' (numpy batches transferred by
-  `parallel.prefetch_to_mesh`) or 'device' (the dataset on the devices, gathered and augmented
-  inside the step by `nin_jax.device_input`).
+  for tiny nets). With input='none' one batch of `batch_size` random uint8 images (with its
+  augmentation draws) is split over all devices and reused every step: the step's speed alone,
+  its preprocessing and augmentation included, as in training. A training step can also take
+  each step's batch from an input path of training, over `num_images` random uint8 images
+  (`random_data`): 'host' (numpy batches transferred by `parallel.prefetch_to_mesh`) or
+  'device' (the dataset on the devices, gathered inside the step by `nin_jax.device_input`).
   """
   if input not in INPUTS:
     raise UserError(f'--input={input!r}: expected one of {INPUTS}')
@@ -206,8 +175,10 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
     raise UserError(f'--input={input}: input paths are timed with train steps only')
   if mode not in ('train', 'eval'):
     raise UserError(f'mode {mode!r}: expected train or eval')
-  if dtype not in models.DTYPES:
-    raise UserError(f'--dtype={dtype!r}: expected one of {sorted(models.DTYPES)}')
+  if dtype not in settings.DTYPES:
+    raise UserError(f'--dtype={dtype!r}: expected one of {settings.DTYPES}')
+  if conv_impl not in settings.CONV_IMPLS:
+    raise UserError(f'--conv_impl={conv_impl!r}: expected one of {settings.CONV_IMPLS}')
   default_size, default_channels = default_input(model_name)
   image_shape = (image_size or default_size, image_size or default_size,
                  image_channels or default_channels)
@@ -224,19 +195,13 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
   steps_per_epoch = max(1, num_images // batch_size)  # for the 'plateau' schedule only
   functions = train.step_functions(config, model, image_shape, steps_per_epoch,
                                    train.total_steps(config, steps_per_epoch))
-  data = random_data(config, image_shape, num_images) if input != 'none' else None
-  steps = parallel.jit_steps(mesh, *functions, device_data=data if input == 'device' else None)
+  data = random_data(config, image_shape, num_images if input != 'none' else batch_size)
+  steps = parallel.jit_steps(mesh, *functions, data, on_devices=input == 'device')
   _, batch_sharded = parallel.shardings(mesh)
 
-  init_rng, data_rng = jax.random.split(jax.random.key(seed))
-  state = steps.init(init_rng, None)
-  batch = {
-      'image': jax.random.normal(data_rng, (batch_size, *image_shape), jnp.float32),
-      'label': jax.random.randint(data_rng, (batch_size,), 0, num_classes, jnp.int32),
-  }
-  if mode == 'eval':
-    batch['mask'] = jnp.ones((batch_size,), bool)
-  batch = jax.device_put(batch, batch_sharded)
+  state = steps.init(jax.random.key(seed), None)
+  fixed = next(data.eval_batches()) if mode == 'eval' else data.train_batch(0)
+  batch = {k: jax.make_array_from_process_local_data(batch_sharded, v) for k, v in fixed.items()}
   next_inputs = lambda: batch
   if input == 'host':
     batches = parallel.prefetch_to_mesh(data.train_batches(), batch_sharded)
@@ -316,10 +281,10 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The CLI's flags; defined only when run as a program, so that importing this module
   beside another CLI (nin_jax.main also has --config) defines nothing twice."""
-  flags.DEFINE_string('model', 'nin_cifar', 'A net of nin_jax.models.MODELS.')
+  flags.DEFINE_string('model', 'nin_cifar', 'A net of nin_jax.architectures.MODELS.')
   flags.DEFINE_integer('batch_size', 128, 'Global batch, split over all devices.')
   flags.DEFINE_integer('steps', 10, 'Timed steps, after compiling and one warm-up step.')
-  flags.DEFINE_enum('dtype', 'float32', list(models.DTYPES),
+  flags.DEFINE_enum('dtype', 'float32', list(settings.DTYPES),
                     'Activations and matmuls; params stay f32.')
   flags.DEFINE_integer('num_classes', 10, 'Classes (maps of the last cccp).')
   flags.DEFINE_integer('image_size', None, 'Default: what the model is made for.')
@@ -342,7 +307,10 @@ def define_flags() -> None:
 
 def input_benchmark(config, *, mock: bool, num_batches: int = 200,
                     mock_examples: int = 10_000) -> dict[str, Any]:
-  """Times the training batches alone (no model), on this host, one process.
+  """Times the training batches alone (no model), on this host, one process: each batch as the
+  host path gives it (a uint8 gather with its draws), sent to the devices and made into the
+  network's batch by training's own jitted function (`device_input.train_batch`: the
+  preprocessing and augmentation), waited for.
 
   Args:
     config: the experiment's config.
@@ -353,7 +321,7 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
 
   Returns:
     {'images_per_sec', 'seconds_per_batch', 'load_seconds', 'batch_size', 'num_batches',
-     'num_train_examples', 'preprocessed_at_load', 'dataset', 'preprocess', 'augment'}
+     'num_train_examples', 'dataset', 'preprocess', 'augment'}
   """
   if config is None:
     raise UserError('input: name the experiment with --config=experiments/NAME.py')
@@ -361,10 +329,11 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
   if config_flags is None:
     raise UserError('input: --config needs ml_collections: pip install ml-collections')
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from nin_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  from nin_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; the caller's is intact
+  settings.validate(config)
   start = time.time()
-  if mock and config.dataset in datasets.TFDS_DATASETS:
+  if mock and config.dataset in settings.TFDS_CLASSES:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     config.data_dir = os.path.join(tempfile.gettempdir(), 'nin_jax_benchmark_mock')
     os.makedirs(config.data_dir, exist_ok=True)
@@ -374,18 +343,22 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
   else:
     data = input_pipeline.create_data(config, process_index=0, process_count=1)
   load_seconds = time.time() - start
-  batches = data.train_batches()
+  from nin_jax import device_input  # pylint: disable=g-import-not-at-top
+  replicated, sharded = parallel.shardings(parallel.create_mesh())
+  arrays = device_input.put_on_devices(data, replicated, dataset=False)
+  make_batch = jax.jit(device_input.batch_makers(data)[0])
+  batches = parallel.prefetch_to_mesh(data.train_batches(), sharded)
   for _ in range(3):
-    next(batches)
+    jax.block_until_ready(make_batch(next(batches), arrays))
   start = time.perf_counter()
   for _ in range(num_batches):
-    next(batches)
+    jax.block_until_ready(make_batch(next(batches), arrays))
   seconds = time.perf_counter() - start
+  batches.close()
   return dict(images_per_sec=num_batches * data.batch_size / seconds,
               seconds_per_batch=seconds / num_batches, load_seconds=load_seconds,
               batch_size=data.batch_size, num_batches=num_batches,
-              num_train_examples=data.num_train_examples,
-              preprocessed_at_load=data.preprocessed_at_load, dataset=config.dataset,
+              num_train_examples=data.num_train_examples, dataset=config.dataset,
               preprocess=config.preprocess, augment=config.augment)
 
 

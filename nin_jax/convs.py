@@ -18,11 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from nin_jax import settings
-from nin_jax.errors import UserError
 
 Initializer = Callable[..., jax.Array]
-
-CONV_IMPLS = settings.CONV_IMPLS
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -41,8 +38,8 @@ def resolve_conv_impl(impl: str) -> str:
     a matrix product of its size; on GPU/TPU the native convolution is the fast path throughout
     (docs/benchmarks.md, "What made the CPU path fast", has the figures).
   """
-  if impl not in CONV_IMPLS:
-    raise UserError(f'conv_impl={impl!r}: expected one of {CONV_IMPLS}')
+  if impl not in settings.CONV_IMPLS:
+    raise ValueError(f'conv_impl {impl!r}: expected one of {settings.CONV_IMPLS}')
   if impl == 'auto':
     return 'fft' if jax.default_backend() == 'cpu' else 'xla'
   return impl

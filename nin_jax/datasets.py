@@ -26,15 +26,11 @@ from absl import logging
 import numpy as np
 
 from nin_jax import run_files
-from nin_jax import settings
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
   import ml_collections
 
-DATASETS = settings.DATASETS
-# Decoded whole into memory (ImageNet has a path of its own).
-TFDS_DATASETS = tuple(name for name in settings.TFDS_CLASSES if name != 'imagenet2012')
 # The decoded uint8 images of a split must fit in half of this machine's memory: ImageNet at
 # 224x224 (193 GB) stops with a clear message while loading instead of running out of memory.
 IN_MEMORY_MAX_BYTES = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2

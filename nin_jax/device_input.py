@@ -1,18 +1,23 @@
-"""The device-resident input path: the whole uint8 dataset on every device.
+"""The network's batches, made inside the jitted steps; and the device-resident input path.
 
-For the datasets that fit in accelerator memory (CIFAR-10/100: 150 MiB of uint8, MNIST: 45 MiB,
-SVHN with extra: 1.8 GiB) the host sends each step only what its batch is made of: the row
-numbers and augmentation draws of `Data.train_draws(step)`, a few bytes per image. Gathering the
-rows, preprocessing them (the jnp twins in `nin_jax.preprocessing`) and translating/flipping
-them (`nin_jax.augment`) all run on the devices, inside the jitted step. The draws are the host
-pipeline's, so both paths give the same batches (to float rounding of the preprocessing): same
-shuffling, same augmentation, same resumption, same split of every global batch over processes
-and devices (tests/device_input_test.py).
+Every input path hands the steps uint8 images and the augmentation draws of
+`Sampler.train_draws`; `train_batch` and `eval_batch` preprocess them
+(`preprocessing.normalize`) and translate/flip them (`augment.augment`) on the devices, inside
+the step. One implementation for every path, and batches cross to the devices as uint8 (a
+quarter of float32's bytes).
 
-Selected by `config.input_pipeline` ('auto', 'host', 'device'; `choose_pipeline`).
+The paths differ only in where the images come from (`config.input_pipeline`; `choose_pipeline`):
+'host' batches gathered from the dataset in host memory (`input_pipeline.Data`), 'stream'
+batches read from files (`nin_jax.stream`), and 'device': for the datasets that fit in
+accelerator memory (CIFAR-10/100: 150 MiB of uint8, MNIST: 45 MiB, SVHN with extra: 1.8 GiB)
+the whole uint8 dataset on every device, and each step only its draws from the host (row
+numbers, shifts, flips: a few bytes per image), gathered on the devices. The draws are the same
+for every path, so all give the same batches: same shuffling, same augmentation, same
+resumption, same split of every global batch over processes and devices
+(tests/device_input_test.py).
 
-  arrays = put_on_devices(data, replicated_sharding)
-  batch = train_batch(arrays, draws, kind=..., augment=..., translate_pixels=...)  # in jit
+  arrays = put_on_devices(data, replicated_sharding, dataset=pipeline == 'device')
+  batch = train_batch(inputs, arrays, kind=..., augment=..., translate_pixels=...)  # in jit
 
 Imports only JAX and numpy (no TensorFlow, no PIL), like the train step.
 """
@@ -24,7 +29,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nin_jax import augment as augment_lib  # `augment` is the setting's name here
@@ -32,7 +36,6 @@ from nin_jax import preprocessing
 from nin_jax import settings
 from nin_jax.errors import UserError
 
-INPUT_PIPELINES = settings.INPUT_PIPELINES
 # 'auto' keeps a dataset on the devices when it needs at most this share of one device's memory
 # (the rest is for the model, its activations and XLA's workspace).
 AUTO_MAX_MEMORY_FRACTION = 0.25
@@ -86,9 +89,6 @@ def choose_pipeline(setting: str, data) -> str:
   path's batch assembly overlaps the step on another thread). 'device' is refused with a clear
   error when the dataset cannot fit at all.
   """
-  if setting not in INPUT_PIPELINES:
-    raise UserError(f'config.input_pipeline={setting!r} is not one of '
-                    f'{", ".join(INPUT_PIPELINES)}')
   if getattr(data, 'streamed', False):  # `input_pipeline.streams` chose it while loading
     return 'stream'
   if setting == 'host':
@@ -110,9 +110,11 @@ def choose_pipeline(setting: str, data) -> str:
   return 'device'
 
 
-def put_on_devices(data, sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """The uint8 splits, labels and preprocessing statistics of `data`, placed with `sharding`
-  (replicated: every device gathers its rows of a batch locally, with no communication).
+def put_on_devices(data, sharding: jax.sharding.Sharding, *, dataset: bool) -> dict[str, Any]:
+  """What the steps read besides their batch, placed with `sharding` (replicated): the
+  preprocessing statistics of `data` and, with `dataset` (the device input path), its uint8
+  splits and labels, from which every device gathers its rows of a batch locally, with no
+  communication.
 
   Works with several processes: each puts the arrays on its own devices (every process holds
   the whole dataset, as in the host path).
@@ -121,44 +123,52 @@ def put_on_devices(data, sharding: jax.sharding.Sharding) -> dict[str, Any]:
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-  arrays = {
-      'train_images': data.train_images_uint8, 'train_labels': data.train_labels,
-      'test_images': data.test_images_uint8, 'test_labels': data.test_labels,
-      'statistics': data.preprocessor.statistics(),
-  }
+  arrays = {'statistics': data.preprocessor.statistics()}
+  if dataset:
+    arrays.update(train_images=data.train_images_uint8, train_labels=data.train_labels,
+                  test_images=data.test_images_uint8, test_labels=data.test_labels)
   return jax.tree_util.tree_map(put, arrays)
 
 
-# --- The batches --------------------------------------------------------------------------------
+# --- The batches, made inside the steps -----------------------------------------------------------
 
 
-def train_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *, kind: str,
+def train_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *, kind: str,
                 augment: str, translate_pixels: int) -> dict[str, jax.Array]:
-  """The training batch of `draws` (from `Data.train_draws`), gathered on the devices:
-  {'image': float32 (B, H, W, C), 'label': int32 (B,)}, sharded as `draws` are."""
-  rows = draws['rows']
-  images = preprocessing.normalization(kind).jnp(arrays['train_images'][rows],
-                                                 arrays['statistics'])
-  images = augment_lib.augment_jnp(augment, images, draws['shifts'], draws['flips'],
-                                   translate_pixels)
-  return {'image': images, 'label': arrays['train_labels'][rows]}
+  """The network's training batch, inside the jitted step: {'image': float32 (B, H, W, C),
+  'label': int32 (B,)}, sharded as `inputs` are.
+
+  `inputs` is a host or stream batch, {'image': uint8 (B, H, W, C), 'label', 'shifts',
+  'flips'}, or the device path's draws, {'rows', 'shifts', 'flips'}, whose images and labels
+  are gathered here from `arrays` (`put_on_devices`). Either way the images are preprocessed
+  (`preprocessing.normalize`) and translated/flipped (`augment.augment`) by the same code.
+  """
+  if 'rows' in inputs:
+    images, labels = arrays['train_images'][inputs['rows']], arrays['train_labels'][inputs['rows']]
+  else:
+    images, labels = inputs['image'], inputs['label']
+  images = preprocessing.normalize(kind, images, arrays['statistics'])
+  images = augment_lib.augment(augment, images, inputs['shifts'], inputs['flips'],
+                               translate_pixels)
+  return {'image': images, 'label': labels}
+
+
+def eval_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *,
+               kind: str) -> dict[str, jax.Array]:
+  """The network's evaluation batch, as `train_batch` makes it (no augmentation), with 'mask'
+  (False on the padding of the last batch, which `train.eval_step` leaves out)."""
+  if 'rows' in inputs:
+    images, labels = arrays['test_images'][inputs['rows']], arrays['test_labels'][inputs['rows']]
+  else:
+    images, labels = inputs['image'], inputs['label']
+  return {'image': preprocessing.normalize(kind, images, arrays['statistics']),
+          'label': labels, 'mask': inputs['mask']}
 
 
 def batch_makers(data) -> tuple[Any, Any]:
   """(train_batch, eval_batch) with `data`'s preprocessing and augmentation settings bound:
-  each takes (arrays, draws), inside the jitted step."""
+  each takes (inputs, arrays), inside the jitted step."""
   kind = data.preprocessor.kind
   return (functools.partial(train_batch, kind=kind, augment=data.augment,
                             translate_pixels=data.translate_pixels),
           functools.partial(eval_batch, kind=kind))
-
-
-def eval_batch(arrays: dict[str, Any], draws: dict[str, jax.Array], *,
-               kind: str) -> dict[str, jax.Array]:
-  """The evaluation batch of `draws` (from `Data.eval_draws`): images, labels and 'mask', with
-  zero images and labels on the padding, as `Data.eval_batches` gives them."""
-  rows, mask = draws['rows'], draws['mask']
-  images = preprocessing.normalization(kind).jnp(arrays['test_images'][rows],
-                                                 arrays['statistics'])
-  return {'image': jnp.where(mask[:, None, None, None], images, 0.0),
-          'label': jnp.where(mask, arrays['test_labels'][rows], 0), 'mask': mask}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nin_jax import datasets, models, preprocessing, run_files
+from nin_jax import datasets, models, preprocessing, run_files, settings
 from nin_jax.errors import UserError
 
 # What `expand_image_paths` picks up inside folders (what Pillow reads; case-insensitive).
@@ -187,6 +187,10 @@ def load_run(workdir: str) -> Run:
   if not run_files.path(workdir).is_dir():
     raise UserError(f'run folder {workdir} does not exist: pass the --workdir of a training run')
   config = load_config(workdir)
+  try:
+    settings.check_once(config)
+  except UserError as e:
+    raise UserError(f'{os.path.join(workdir, run_files.CONFIG)}: {e}') from None
   names_path = os.path.join(workdir, run_files.CLASS_NAMES)
   class_names = _read_json(names_path, 'the run folder lacks its class names; rerun training '
                            'or copy the file from the original run')

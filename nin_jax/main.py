@@ -52,9 +52,7 @@ def main(argv):
     sys.exit(2)
   # pylint: disable=g-import-not-at-top
   import jax
-  from nin_jax import device_input
   from nin_jax import guards
-  from nin_jax import parallel
   from nin_jax import runtime
   from nin_jax import train
   # pylint: enable=g-import-not-at-top
@@ -63,25 +61,15 @@ def main(argv):
   try:
     runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
-    # The global batch against every device: as soon as they are known, before TensorFlow.
-    parallel.check_batch_size(FLAGS.config.batch_size)
-    device_input.check_fits_before_load(FLAGS.config, device_input.device_memory_bytes())
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  if uses_tensorflow(FLAGS.config, FLAGS.workdir):
-    try:
-      # TensorFlow (TFDS's engine; etils' for bucket paths) must not take GPU memory from JAX.
-      import tensorflow as tf
-      tf.config.experimental.set_visible_devices([], 'GPU')
-    except ImportError:
-      pass
   if jax.process_index() > 0 and not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story; the others, problems
   logging.info('JAX process %d of %d; %d local devices of %d: %s%s', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.local_devices(), '; malloc keeps freed memory' if malloc_tuned else '')
-  try:
+  try:  # checks the batch against the devices, then hides the GPUs from TensorFlow, then loads
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except guards.Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
@@ -89,12 +77,6 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-
-
-def uses_tensorflow(config, workdir: str) -> bool:
-  """Whether a run may load TensorFlow: for a TFDS dataset, or a path on a bucket. A local
-  folder's run never does, and so saves the 0.5 GB that TensorFlow's import takes."""
-  return config.dataset != 'folder' or any('://' in path for path in (workdir, config.data_dir))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -105,7 +87,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f'error: {e}', file=sys.stderr)
   except (AttributeError, KeyError) as e:  # ml_collections: a --config.FIELD that does not exist
     field = str(e).strip('"\'')
-    print(f'error: --config has no field {field!r}; the fields are in experiments/default.py',
+    print(f'error: --config has no field {field!r}; the fields are in nin_jax/default_config.py',
           file=sys.stderr)
   except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
     print(f'error: a --config override has the wrong type: {e}', file=sys.stderr)

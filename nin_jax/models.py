@@ -10,7 +10,7 @@ The two ideas of the paper, each in one place:
 
 `get_model(name, num_classes)` builds the authors' nets exactly (layer widths, kernels, pools,
 dropout, ReLU after the last cccp) and the small NIN of the seed notes (made sturdier in two
-places: see `MODELS`). `lr_multipliers` and `weight_decay_mask` hold the authors' per-layer
+places), whose layers are data in `nin_jax.architectures.MODELS`. `lr_multipliers` and `weight_decay_mask` hold the authors' per-layer
 optimizer settings as data.
 
 Layouts: images NHWC float32; conv kernels HWIO `(k, k, C_in, C_out)` for every layer, the 1×1
@@ -20,21 +20,16 @@ convolution layer and its fast CPU variants are in `nin_jax.convs`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nin_jax.convs import Conv, Initializer
+from nin_jax import architectures
+from nin_jax.architectures import MODELS, pooled_size
 from nin_jax import settings
-from nin_jax.errors import UserError
-
-HEADS = settings.HEADS
-INITS = settings.INITS
-# config.dtype's names: the dtype of activations and matmuls (parameters stay float32).
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from nin_jax.convs import Conv, Initializer
 
 
 class MlpConv(nn.Module):
@@ -73,11 +68,6 @@ class MlpConv(nn.Module):
       if i < len(self.widths) - 1 or self.final_activation:
         x = nn.relu(x)
     return x
-
-
-def pooled_size(size: int) -> int:
-  """Output size of the authors' 3×3 stride-2 pools: ceil-style, 32→16→8, 28→14→7."""
-  return max(1, math.ceil((size - 3) / 2) + 1)
 
 
 def pool(x: jax.Array, kind: str) -> jax.Array:
@@ -131,15 +121,14 @@ class NIN(nn.Module):
 
     Dropout is active only when `train` is True (rng collection 'dropout').
     """
+    problem = architectures.too_small(self.kernel_sizes, self.strides, self.paddings,
+                                      min(images.shape[1:3]))
+    if problem:
+      raise ValueError(problem)
     x = images.astype(self.dtype)
     num_blocks = len(self.widths)
     for b in range(num_blocks):
       k, s, p = self.kernel_sizes[b], self.strides[b], self.paddings[b]
-      if min(x.shape[1:3]) + 2 * p < k:
-        raise UserError(
-            f'input of {images.shape[1]}x{images.shape[2]} pixels is too small for this model: '
-            f'block {b + 1} gets {x.shape[1]}x{x.shape[2]} maps but has a {k}x{k} kernel; '
-            'use a larger image_size or a model made for small images (e.g. nin_small)')
       x = MlpConv(self.widths[b], kernel_size=k, stride=s, padding=p,
                   final_activation=self.final_activation or b < num_blocks - 1,
                   kernel_inits=self.kernel_inits[b] if self.kernel_inits else None,
@@ -160,74 +149,16 @@ class NIN(nn.Module):
       logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc',
                         kernel_init=nn.initializers.he_normal())(x).astype(jnp.float32)
     else:
-      raise UserError(f'head={self.head!r}: expected one of {HEADS}')
+      raise ValueError(f'head {self.head!r}: expected one of {settings.HEADS}')
     return logits
-
-
-# --- The model zoo -------------------------------------------------------------------------------
-# `None` in `widths` stands for the number of classes (the last cccp of a GAP net). `paper_stds`
-# are the authors' Gaussian init stds per layer (nin-reference.md, "Architectures"): cuda-convnet
-# uses 0.05 for every CIFAR-10 weight, and its CIFAR-100 definition changes conv1 to 0.001 and
-# cccp1/2 to 0.01 (applied below when num_classes == 100). The SVHN and MNIST definitions are
-# "coming soon" in the authors' folder and ImageNet's Caffe init is not in our sources: those get
-# 0.05 too; their configs use init='data' (MNIST, EMNIST) or init='he' (SVHN, ImageNet).
-
-_CIFAR = dict(kernel_sizes=(5, 5, 3), strides=(1, 1, 1), paddings=(2, 2, 1),
-              widths=((192, 160, 96), (192, 192, 192), (192, 192, None)),
-              pools=('max', 'max'), dropout_after=(True, True))
-
-MODELS: dict[str, dict[str, Any]] = {
-    # The authors' cuda-convnet CIFAR-10/100 net: 966,986 parameters with 10 classes.
-    'nin_cifar': _CIFAR,
-    # The Caffe Model Zoo "NIN CIFAR10": identical but for an average second pool.
-    'nin_cifar_caffe': dict(_CIFAR, pools=('max', 'avg')),
-    'nin_svhn': dict(kernel_sizes=(5, 5, 5), strides=(1, 1, 1), paddings=(2, 2, 2),
-                     widths=((128, 96, 64), (320, 256, 128), (384, 256, None)),
-                     pools=('max', 'max'), dropout_after=(True, True)),
-    'nin_mnist': dict(kernel_sizes=(5, 5, 5), strides=(1, 1, 1), paddings=(2, 2, 2),
-                      widths=((96, 64, 48), (128, 96, 48), (128, 96, None)),
-                      pools=('max', 'max'), dropout_after=(True, True)),
-    # The Caffe Model Zoo ImageNet NIN, 224×224: 54→27→13→6 maps, then a 6×6 average = GAP.
-    'nin_imagenet': dict(kernel_sizes=(11, 5, 3, 3), strides=(4, 1, 1, 1), paddings=(0, 2, 1, 1),
-                         widths=((96, 96, 96), (256, 256, 256), (384, 384, 384),
-                                 (1024, 1024, None)),
-                         pools=('max', 'max', 'max'), dropout_after=(False, False, True)),
-    # The seed notes' second Keras model and d2l.ai's NiN: the ImageNet shape (four mlpconvs,
-    # three pools, dropout only before the last block) sized for 28×28 grayscale and a laptop:
-    # 28→14→7→3 maps, 5×5 then 3×3 kernels at stride 1 (an 11×11/4 first layer would leave
-    # nothing of 28 pixels), widths 32/64/128 so a CPU trains the 62 characters in minutes (about
-    # 21M multiply-accumulates per image). Two changes from both, so that it trains at every seed
-    # and with few classes (docs/benchmarks.md, "Sturdy recipes", has the runs):
-    # - their last block has C maps in all three layers; here, as in the authors' nets (CIFAR
-    #   192-192-C, ImageNet 1024-1024-1000), only the last cccp has C: with few classes a
-    #   C-wide hidden layer can lose every live ReLU, and the net ends at chance.
-    # - no ReLU on the class maps (`final_activation=False`), a reported fix for nets stuck at
-    #   chance (nin-reference.md): a class whose map is below zero at every position gets no
-    #   gradient and is never predicted again, which small maps (2×2 for 16×16 digits) make
-    #   common. The authors' nets keep theirs.
-    'nin_small': dict(kernel_sizes=(5, 5, 3, 3), strides=(1, 1, 1, 1), paddings=(2, 2, 1, 1),
-                      widths=((32, 32, 32), (64, 64, 64), (128, 128, 128), (128, 128, None)),
-                      pools=('max', 'max', 'max'), dropout_after=(False, False, True),
-                      final_activation=False),
-    # Used for testing only: a two-block NIN that compiles and trains in seconds on a CPU.
-    '_nin_tiny': dict(kernel_sizes=(3, 3), strides=(1, 1), paddings=(1, 1),
-                      widths=((16, 16), (32, None)), pools=('max',), dropout_after=(True,)),
-}
-
-
-def _paper_stds(name: str, widths: Sequence[Sequence[int]], num_classes: int) -> list[list[float]]:
-  stds = [[0.05] * len(w) for w in widths]
-  if name in ('nin_cifar', 'nin_cifar_caffe') and num_classes == 100:
-    stds[0] = [0.001, 0.01, 0.01]
-  return stds
 
 
 def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap',
               **overrides: Any) -> NIN:
-  """A net from the zoo (`MODELS`) for `num_classes` classes.
+  """A net of `architectures.MODELS` for `num_classes` classes.
 
   Args:
-    name: a key of `MODELS`.
+    name: a key of `architectures.MODELS`.
     num_classes: C; the last cccp of a GAP net gets C maps.
     init: 'he' (He normal weights), 'paper' (the authors' Gaussian stds) or 'data' (He normal
       weights that the trainer then rescales on a batch of training images: `init_from_data`).
@@ -237,13 +168,11 @@ def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap
       conv_impl, final_activation).
   """
   if name not in MODELS:
-    raise UserError(f'model={name!r}: expected one of {sorted(MODELS)}')
-  if init not in INITS:
-    raise UserError(f'init={init!r}: expected one of {INITS}')
-  if head not in HEADS:
-    raise UserError(f'head={head!r}: expected one of {HEADS}')
+    raise ValueError(f'model {name!r}: expected one of {sorted(MODELS)}')
+  if init not in settings.INITS:
+    raise ValueError(f'init {init!r}: expected one of {settings.INITS}')
   if num_classes < 2:
-    raise UserError(f'num_classes={num_classes}: a classifier needs at least 2 classes')
+    raise ValueError(f'num_classes={num_classes}: a classifier needs at least 2 classes')
   spec = {**MODELS[name], **overrides}
   widths = []
   for block in spec['widths']:
@@ -257,7 +186,7 @@ def get_model(name: str, num_classes: int, *, init: str = 'he', head: str = 'gap
   if init == 'paper' and 'kernel_inits' not in overrides:
     spec['kernel_inits'] = tuple(
         tuple(nn.initializers.normal(stddev=s) for s in row)
-        for row in _paper_stds(name, widths, num_classes))
+        for row in architectures.paper_stds(name, widths, num_classes))
   for key in ('kernel_sizes', 'strides', 'paddings', 'pools', 'dropout_after'):
     spec[key] = tuple(spec[key])
   return NIN(num_classes=num_classes, head=head, **spec)
@@ -322,10 +251,8 @@ def model_from_config(config, **overrides: Any) -> NIN:
   """The model a run's config asks for (fields model, num_classes, init, head, dropout_rate,
   dtype, conv_impl); `overrides` replace any of those or other `NIN` fields (the benchmark's
   tiny test nets)."""
-  if config.dtype not in DTYPES:
-    raise UserError(f'dtype={config.dtype!r}: expected one of {sorted(DTYPES)}')
   fields = dict(init=config.init, head=config.head, dropout_rate=config.dropout_rate,
-                dtype=DTYPES[config.dtype], conv_impl=config.conv_impl)
+                dtype=jnp.dtype(config.dtype), conv_impl=config.conv_impl)
   return get_model(config.model, config.num_classes, **{**fields, **overrides})
 
 

@@ -119,9 +119,11 @@ class Steps:
   """A run's init, update and eval functions jitted over its mesh.
 
   `init(rng, init_images) -> state`, replicated. `update(state, inputs, *extra) -> (state,
-  metrics)`, the state donated; `evaluate(params, inputs, *extra) -> sums`. `inputs` are global
-  batches, or (the device input path) their draws, which the step turns into the batch from the
-  dataset arrays in `extra`: an argument, never a constant folded into the program.
+  metrics)`, the state donated; `evaluate(params, inputs, *extra) -> sums`. `inputs` are the
+  input path's batches (uint8 images and their draws) or, on the device input path, the draws
+  alone; the step makes the network's batch of them (`nin_jax.device_input`) from the arrays in
+  `extra` (the preprocessing statistics, and the dataset on the device path): arguments, never
+  constants folded into the program.
   """
   init: Callable[..., Any]
   update: Any   # jitted: .lower(...) works, for the benchmark's compile time
@@ -136,28 +138,27 @@ class Steps:
 
 
 def jit_steps(mesh: jax.sharding.Mesh, init_fn: Callable[..., Any], step_fn: Callable[..., Any],
-              eval_step_fn: Callable[..., Any], device_data=None) -> Steps:
-  """`init_fn`, `step_fn(state, batch)` and `eval_step_fn(params, batch)` jitted over `mesh`.
+              eval_step_fn: Callable[..., Any], data, *, on_devices: bool = False) -> Steps:
+  """`init_fn`, `step_fn(state, batch)` and `eval_step_fn(params, batch)` jitted over `mesh`,
+  each step taking its batch as the input paths give it and making the network's batch first.
 
-  With `device_data` (an `input_pipeline.Data`: the device input path) its arrays are put on
-  every device and each step takes the batch's draws, gathered, preprocessed and augmented on
-  the devices (`nin_jax.device_input`); without, each step takes the batch itself.
+  Args:
+    mesh: the run's mesh.
+    init_fn, step_fn, eval_step_fn: `train.step_functions`.
+    data: the run's `input_pipeline.Data` (or `stream.StreamData`): its preprocessing and
+      augmentation settings, and its statistics.
+    on_devices: the device input path: `data`'s arrays are put on every device and each step
+      takes the batch's draws.
   """
   replicated, sharded = shardings(mesh)
   init = jax.jit(init_fn, out_shardings=replicated)
-  if device_data is None:
-    update = jax.jit(step_fn, in_shardings=(replicated, sharded),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-    evaluate = jax.jit(eval_step_fn, in_shardings=(replicated, sharded),
-                       out_shardings=replicated)
-    return Steps(init, update, evaluate)
-  arrays = device_input.put_on_devices(device_data, replicated)
-  make_train_batch, make_eval_batch = device_input.batch_makers(device_data)
+  arrays = device_input.put_on_devices(data, replicated, dataset=on_devices)
+  make_train_batch, make_eval_batch = device_input.batch_makers(data)
   update = jax.jit(
-      lambda state, draws, arrays: step_fn(state, make_train_batch(arrays, draws)),
+      lambda state, inputs, arrays: step_fn(state, make_train_batch(inputs, arrays)),
       in_shardings=(replicated, sharded, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
   evaluate = jax.jit(
-      lambda params, draws, arrays: eval_step_fn(params, make_eval_batch(arrays, draws)),
+      lambda params, inputs, arrays: eval_step_fn(params, make_eval_batch(inputs, arrays)),
       in_shardings=(replicated, sharded, replicated), out_shardings=replicated)
   return Steps(init, update, evaluate, (arrays,))

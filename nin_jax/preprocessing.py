@@ -1,4 +1,4 @@
-"""The paper's per-dataset normalizations, in numpy for the host and in jnp for the devices.
+"""The paper's per-dataset normalizations: fitted on the training split, applied in jnp.
 
 Four kinds of preprocessing (`config.preprocess`), each a fitted `Preprocessor`:
 
@@ -11,22 +11,24 @@ Four kinds of preprocessing (`config.preprocess`), each a fitted `Preprocessor`:
                  channel: the maxout recipe for SVHN (pylearn2 `svhn_preprocessing.py`). Nothing
                  is fitted: every image is normalized on its own.
 
-`normalization(kind)` is the one place that reads the kind: its fit, its numpy code (the host
-input path) and its jnp twin (the device input path, inside the jitted step). Each twin does the
-numpy code's operations in the same order, so both paths give the same batches to float rounding
-(tests/device_input_test.py). Every kind works image by image once fitted, so preprocessing a
-batch gives the same numbers as preprocessing the whole split and then taking the batch.
+Each kind is fitted once per run, in numpy (float64 sums; ZCA's eigendecomposition), and
+applied by one jnp function, `normalize(kind, images, statistics)`: inside the jitted train and
+eval steps of every input path (`nin_jax.device_input`: the batches travel as uint8), and jitted
+on its own by `Preprocessor.__call__` for the data-dependent init and for prediction. Every kind
+works image by image once fitted, so a batch gets the same numbers as the whole split would.
 
 numpy and JAX only (no TensorFlow, no PIL): the prediction tools and the train step import it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+import hashlib
 import io
 import os
+import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +49,6 @@ GCN_MIN_DIVISOR = 1e-8
 ZCA_FILTER_BIAS = 0.1
 # The whitening matrix is features x features: 3072 (32x32x3) is 36 MiB in float32 and its
 # eigendecomposition takes tens of seconds on two cores; much larger images are not sensible.
-MAX_ZCA_FEATURES = settings.MAX_ZCA_FEATURES
 # pylearn2 `svhn_preprocessing.py` (maxout SVHN): `GlobalContrastNormalization()` with its
 # defaults (scale 1, no bias) and then `LeCunLCN((32, 32))` with its defaults: a 7x7 Gaussian
 # window of sigma 2 (`gaussian_filter`), divisor floor 1e-4, applied to every channel.
@@ -57,22 +58,25 @@ LCN_SIGMA = 2.0
 LCN_THRESHOLD = 1e-4
 # A constant channel in the training split (e.g. a blank border) has std 0; divide by 1 instead.
 STANDARDIZE_MIN_STD = 1e-6
-# Images per chunk when preprocessing a whole split: bounds the float32 temporaries
-# (4096 x 3072 x 4 bytes = 48 MiB) without slowing the matrix products.
+# Images per chunk when fitting on, or preprocessing, many images at once: bounds the float32
+# temporaries (4096 x 3072 x 4 bytes = 48 MiB) without slowing the matrix products.
 _CHUNK = 4096
 # ... and values per chunk where the fit computes in float64: 4096 CIFAR images, 83 ImageNet
 # crops of 224 x 224 x 3 (100 MB; a chunk of 4096 of those took 4.9 GB, twice).
 _CHUNK_VALUES = _CHUNK * 32 * 32 * 3
 
-# The largest matrix products of the jnp twins (ZCA: 3072x3072) in full float32, as on the
-# host: accelerators otherwise run float32 products in TF32/bfloat16 passes.
+# The normalizations' matrix products (ZCA: 3072x3072) in full float32 on every backend:
+# accelerators otherwise run float32 products in TF32/bfloat16 passes.
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
-# --- The normalizations, numpy and jnp side by side ---------------------------------------------
+# --- The normalizations: jnp, for every input path -----------------------------------------------
+# Each takes uint8 (or float) images and returns float32: inside the jitted train and eval steps
+# for every input path (`nin_jax.device_input`), and jitted on its own (`Preprocessor.__call__`)
+# for the data-dependent init and for prediction. The fits below use the same functions.
 
 
-def global_contrast_normalize(images: np.ndarray, scale: float) -> np.ndarray:
+def global_contrast_normalize(images: jax.Array, scale: float) -> jax.Array:
   """Per-image mean subtracted, then scaled to L2 norm `scale` (pylearn2, no sqrt bias).
 
   Args:
@@ -80,22 +84,13 @@ def global_contrast_normalize(images: np.ndarray, scale: float) -> np.ndarray:
     scale: the target L2 norm of every image (55 for the maxout CIFAR data).
 
   Returns:
-    float32 (N, D) with D the number of values per image.
+    float32 (N, D) with D the number of values per image; images whose norm is below
+    GCN_MIN_DIVISOR (constant images) are centred, not scaled.
   """
-  x = images.reshape(len(images), -1).astype(np.float32)
-  x -= x.mean(axis=1, keepdims=True)
-  norms = np.sqrt(np.square(x).sum(axis=1, keepdims=True)) / scale
-  norms[norms < GCN_MIN_DIVISOR] = 1.0
-  x /= norms
-  return x
-
-
-def _global_contrast_normalize_jnp(images: jax.Array, scale: float) -> jax.Array:
-  x = images.reshape(images.shape[0], -1).astype(jnp.float32)
+  x = jnp.reshape(images, (images.shape[0], -1)).astype(jnp.float32)
   x = x - jnp.mean(x, axis=1, keepdims=True)
   norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=1, keepdims=True)) / scale
-  norms = jnp.where(norms < GCN_MIN_DIVISOR, 1.0, norms)
-  return x / norms
+  return x / jnp.where(norms < GCN_MIN_DIVISOR, 1.0, norms)
 
 
 def _gaussian_kernel_1d(size: int = LCN_KERNEL_SIZE, sigma: float = LCN_SIGMA) -> np.ndarray:
@@ -111,28 +106,16 @@ def _band_matrix(n: int, kernel: np.ndarray) -> np.ndarray:
   return sum(k * np.eye(n, k=j - r, dtype=np.float32) for j, k in enumerate(kernel))
 
 
-def _blur(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-  """Separable 'same' correlation of (N, H, W, C) with zero padding (theano's 'full' + crop).
-
-  Two matrix products with banded matrices (one per axis): BLAS does in one call what a
-  loop over the taps would do in 2 x 7 passes with temporaries.
-  """
-  n, h, w, c = x.shape
-  y = np.matmul(_band_matrix(h, kernel), x.reshape(n, h, w * c)).reshape(n, h, w, c)
-  y = np.matmul(_band_matrix(w, kernel), y.transpose(0, 2, 1, 3).reshape(n, w, h * c))
-  return y.reshape(n, w, h, c).transpose(0, 2, 1, 3)
-
-
-def _blur_jnp(x: jax.Array) -> jax.Array:
+def _blur(x: jax.Array) -> jax.Array:
+  """Separable 'same' Gaussian correlation of (N, H, W, C), zero padding (theano's 'full' +
+  crop): two products with banded matrices, one per axis, in one pass each over the images."""
   kernel = _gaussian_kernel_1d()
   _, h, w, _ = x.shape
-  band_h = jnp.asarray(_band_matrix(h, kernel))
-  band_w = jnp.asarray(_band_matrix(w, kernel))
-  y = jnp.einsum('ij,njwc->niwc', band_h, x, precision=_PRECISION)
-  return jnp.einsum('kw,niwc->nikc', band_w, y, precision=_PRECISION)
+  y = jnp.einsum('ij,njwc->niwc', _band_matrix(h, kernel), x, precision=_PRECISION)
+  return jnp.einsum('kw,niwc->nikc', _band_matrix(w, kernel), y, precision=_PRECISION)
 
 
-def local_contrast_normalize(images: np.ndarray) -> np.ndarray:
+def local_contrast_normalize(images: jax.Array) -> jax.Array:
   """LeCun's local contrast normalization, per channel, as pylearn2's `lecun_lcn`.
 
   Subtracts the Gaussian-weighted local mean, then divides by the local norm wherever it is
@@ -145,21 +128,9 @@ def local_contrast_normalize(images: np.ndarray) -> np.ndarray:
   Returns:
     float32 (N, H, W, C).
   """
-  x = images.astype(np.float32, copy=False)
-  kernel = _gaussian_kernel_1d()
-  centered = np.subtract(x, _blur(x, kernel))
-  local_norm = _blur(np.square(x), kernel)
-  np.maximum(local_norm, 0.0, out=local_norm)  # rounding can dip below zero
-  np.sqrt(local_norm, out=local_norm)
-  np.maximum(local_norm, local_norm.mean(axis=(1, 2), keepdims=True), out=local_norm)
-  np.maximum(local_norm, LCN_THRESHOLD, out=local_norm)
-  centered /= local_norm
-  return centered
-
-
-def _local_contrast_normalize_jnp(x: jax.Array) -> jax.Array:
-  centered = x - _blur_jnp(x)
-  local_norm = jnp.sqrt(jnp.maximum(_blur_jnp(jnp.square(x)), 0.0))
+  x = images.astype(jnp.float32)
+  centered = x - _blur(x)
+  local_norm = jnp.sqrt(jnp.maximum(_blur(jnp.square(x)), 0.0))  # rounding can dip below 0
   local_norm = jnp.maximum(local_norm, jnp.mean(local_norm, axis=(1, 2), keepdims=True))
   return centered / jnp.maximum(local_norm, LCN_THRESHOLD)
 
@@ -179,7 +150,10 @@ def zca_whitening(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _zca_from_chunks(chunks, num_features: int) -> tuple[np.ndarray, np.ndarray]:
-  """`zca_whitening` over an iterable of (n_i, D) chunks, so no (N, D) copy is ever held."""
+  """`zca_whitening` over an iterable of (n_i, D) chunks, so no (N, D) copy is ever held.
+
+  A fit, once per run, in numpy float64: the statistics, not an operation on images.
+  """
   count = 0
   total = np.zeros(num_features, np.float64)
   gram = np.zeros((num_features, num_features), np.float64)
@@ -196,10 +170,9 @@ def _zca_from_chunks(chunks, num_features: int) -> tuple[np.ndarray, np.ndarray]
   return mean.astype(np.float32), whitening.astype(np.float32)
 
 
-# --- The four kinds: fit, numpy, jnp ------------------------------------------------------------
-# fit: uint8 (N, H, W, C) training split -> statistics {name: array}; numpy and jnp: uint8
-# (N, H, W, C) and those statistics -> float32 (N, H, W, C). In-place arithmetic in numpy: one
-# new array per call, not one per operation.
+# --- The four kinds: fit (numpy, once) and apply (jnp) -----------------------------------------
+# fit: uint8 (N, H, W, C) training split -> statistics {name: array}; apply: uint8 (N, H, W, C)
+# and those statistics -> float32 (N, H, W, C).
 
 
 def _fit_nothing(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -207,14 +180,7 @@ def _fit_nothing(images: np.ndarray) -> dict[str, np.ndarray]:
   return {}
 
 
-def _none(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
-  del stats
-  x = images.astype(np.float32)
-  x *= np.float32(1 / 255)
-  return x
-
-
-def _none_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
+def _none(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
   del stats
   return images.astype(jnp.float32) * jnp.float32(1 / 255)
 
@@ -235,18 +201,8 @@ def _fit_standardize(images: np.ndarray) -> dict[str, np.ndarray]:
   return {'mean': mean.astype(np.float32), 'std': std.astype(np.float32)}
 
 
-def _standardize(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+def _standardize(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
   # (x / 255 - mean) / std as one multiply and one subtract
-  std, mean = stats['std'], stats['mean']
-  x = images.astype(np.float32)
-  width = images.shape[2]
-  rows = x.reshape(-1, x.shape[2] * x.shape[3])  # a per-channel vector tiled over a row
-  rows *= np.tile((1.0 / (255.0 * std)).astype(np.float32), width)  # broadcasts fast
-  rows -= np.tile((mean / std).astype(np.float32), width)
-  return x
-
-
-def _standardize_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
   std, mean = stats['std'], stats['mean']
   return images.astype(jnp.float32) * (1.0 / (255.0 * std)) - mean / std
 
@@ -254,63 +210,42 @@ def _standardize_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Arra
 def _fit_gcn_zca(images: np.ndarray) -> dict[str, np.ndarray]:
   image_shape = images.shape[1:]
   num_features = int(np.prod(image_shape))
-  if num_features > MAX_ZCA_FEATURES:
-    raise UserError(
-        f'config.preprocess=gcn_zca on {"x".join(map(str, image_shape))} images '
-        f'({num_features} values) needs a {num_features}x{num_features} whitening matrix; '
-        f'use at most {MAX_ZCA_FEATURES} values per image (e.g. image_size=32 with 3 channels) '
-        'or preprocess=standardize')
-  chunks = (global_contrast_normalize(images[start:start + _CHUNK], CIFAR_GCN_SCALE)
+  if num_features > settings.MAX_ZCA_FEATURES:  # settings.validate refuses such configs
+    raise ValueError(f'gcn_zca on {"x".join(map(str, image_shape))} images: {num_features} '
+                     f'values per image, more than {settings.MAX_ZCA_FEATURES}')
+  gcn = jax.jit(global_contrast_normalize, static_argnums=1)
+  chunks = (gcn(images[start:start + _CHUNK], CIFAR_GCN_SCALE)
             for start in range(0, len(images), _CHUNK))
   mean, whitening = _zca_from_chunks(chunks, num_features)
   return {'mean': mean, 'whitening': whitening}
 
 
-def _gcn_zca(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
-  x = global_contrast_normalize(images, CIFAR_GCN_SCALE)
-  x -= stats['mean']
-  return (x @ stats['whitening']).reshape(images.shape)
-
-
-def _gcn_zca_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
-  x = _global_contrast_normalize_jnp(images, CIFAR_GCN_SCALE) - stats['mean']
+def _gcn_zca(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
+  x = global_contrast_normalize(images, CIFAR_GCN_SCALE) - stats['mean']
   return jnp.matmul(x, stats['whitening'], precision=_PRECISION).reshape(images.shape)
 
 
-def _lcn(images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+def _lcn(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
   del stats
   x = global_contrast_normalize(images, LCN_GCN_SCALE).reshape(images.shape)
   return local_contrast_normalize(x)
 
 
-def _lcn_jnp(images: jax.Array, stats: dict[str, jax.Array]) -> jax.Array:
-  del stats
-  x = _global_contrast_normalize_jnp(images, LCN_GCN_SCALE).reshape(images.shape)
-  return _local_contrast_normalize_jnp(x)
+_FITS = {'standardize': _fit_standardize, 'gcn_zca': _fit_gcn_zca, 'lcn': _fit_nothing,
+         'none': _fit_nothing}
+_APPLY = {'standardize': _standardize, 'gcn_zca': _gcn_zca, 'lcn': _lcn, 'none': _none}
 
 
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-  """One kind of preprocessing: how it is fitted, and its numpy and jnp implementations."""
-  fit: Callable[[np.ndarray], dict[str, np.ndarray]]
-  numpy: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
-  jnp: Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
-
-
-_NORMALIZATIONS = {
-    'standardize': Normalization(_fit_standardize, _standardize, _standardize_jnp),
-    'gcn_zca': Normalization(_fit_gcn_zca, _gcn_zca, _gcn_zca_jnp),
-    'lcn': Normalization(_fit_nothing, _lcn, _lcn_jnp),
-    'none': Normalization(_fit_nothing, _none, _none_jnp),
-}
-KINDS = tuple(_NORMALIZATIONS)
-
-
-def normalization(kind: str) -> Normalization:
-  """The fit and the numpy and jnp code of the preprocessing `kind`."""
-  if kind not in _NORMALIZATIONS:
+def normalize(kind: str, images: jax.Array, statistics: dict[str, jax.Array]) -> jax.Array:
+  """The preprocessing `kind` (config.preprocess) of uint8 (N, H, W, C) images with its fitted
+  `statistics` (`Preprocessor.statistics`): float32 (N, H, W, C). Image by image, so a batch
+  gets the same numbers as the whole split would. Traceable: the steps call it under jit."""
+  if kind not in _APPLY:
     raise ValueError(f'unknown preprocessing kind {kind!r}')
-  return _NORMALIZATIONS[kind]
+  return _APPLY[kind](images, statistics)
+
+
+_normalize_jitted = jax.jit(normalize, static_argnums=0)
 
 
 # --- The fitted preprocessing of one run --------------------------------------------------------
@@ -345,14 +280,10 @@ class Preprocessor:
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.image_shape):
       raise ValueError(f'expected images of shape (N, {", ".join(map(str, self.image_shape))}),'
                        f' got {images.shape}')
-    apply, stats = normalization(self.kind).numpy, self.statistics()
-    if len(images) <= _CHUNK:  # a batch: no second copy
-      return np.ascontiguousarray(apply(images, stats), dtype=np.float32)
-    out = np.empty(images.shape, np.float32)
-    for start in range(0, len(images), _CHUNK):
-      chunk = images[start:start + _CHUNK]
-      out[start:start + len(chunk)] = apply(chunk, stats)
-    return out
+    stats = self.statistics()
+    return np.concatenate([
+        np.asarray(_normalize_jitted(self.kind, images[start:start + _CHUNK], stats))
+        for start in range(0, len(images), _CHUNK)] or [np.zeros(images.shape, np.float32)])
 
   def save(self, path: str | os.PathLike, *, replace: bool = True) -> None:
     """Writes an .npz (no pickles) that `Preprocessor.load` reads back; `path` may be local
@@ -398,7 +329,7 @@ class Preprocessor:
         arrays = {name: f[name] for name in ('mean', 'std', 'whitening') if name in f.files}
     except Exception as e:
       raise UserError(f'{path}: not a preprocessing file ({e}); retrain or restore it') from None
-    if kind not in KINDS or len(image_shape) != 3:
+    if kind not in settings.PREPROCESS or len(image_shape) != 3:
       raise UserError(f'{path}: not a preprocessing file (kind {kind!r}, '
                       f'image shape {image_shape})')
     return cls(kind=kind, image_shape=image_shape, **arrays)
@@ -416,12 +347,56 @@ def fit_preprocessor(kind: str, train_images_uint8: np.ndarray) -> Preprocessor:
     The fitted Preprocessor.
 
   Raises:
-    UserError: for an unknown kind, or gcn_zca on images with more than MAX_ZCA_FEATURES values.
+    ValueError: for an unknown kind, or gcn_zca on images with more than
+      settings.MAX_ZCA_FEATURES values (both refused by `settings.validate`).
   """
-  if kind not in KINDS:
-    raise UserError(f'config.preprocess={kind!r} is not one of {", ".join(KINDS)}')
   images = np.asarray(train_images_uint8)
   if images.ndim != 4 or not len(images):
     raise ValueError(f'expected a non-empty (N, H, W, C) training split, got {images.shape}')
   image_shape = tuple(int(s) for s in images.shape[1:])
-  return Preprocessor(kind, image_shape, **normalization(kind).fit(images))
+  if kind not in _FITS:
+    raise ValueError(f'unknown preprocessing kind {kind!r}')
+  return Preprocessor(kind, image_shape, **_FITS[kind](images))
+
+
+def _fingerprint(images: np.ndarray) -> str:
+  """A short content hash, so a cache fitted on other images (or mock data) is never reused."""
+  digest = hashlib.blake2b(digest_size=8)
+  digest.update(repr(images.shape).encode())
+  digest.update(np.ascontiguousarray(images).data)
+  return digest.hexdigest()
+
+
+def fit_or_load_preprocessor(kind: str, train_images: np.ndarray, cache_dir: str | None,
+                              dataset: str) -> Preprocessor:
+  """Fits `kind` on the training split; gcn_zca statistics are cached in `cache_dir`.
+
+  Only gcn_zca is cached: its eigendecomposition takes tens of seconds for CIFAR, the others
+  take well under a second to fit.
+  """
+  if kind != 'gcn_zca' or not cache_dir:
+    return fit_preprocessor(kind, train_images)
+  shape = 'x'.join(str(s) for s in train_images.shape[1:])
+  name = f'{dataset.replace("/", "_")}_{kind}_{shape}_{_fingerprint(train_images)}.npz'
+  path = os.path.join(cache_dir, name)
+  if run_files.path(path).exists():
+    try:
+      cached = Preprocessor.load(path)
+      if cached.kind == kind and cached.image_shape == tuple(train_images.shape[1:]):
+        logging.info('Preprocessing statistics from %s', path)
+        return cached
+    except UserError as e:
+      logging.warning('Refitting: %s', e)
+  start = time.time()
+  fitted = fit_preprocessor(kind, train_images)
+  logging.info('Fitted %s on %d images in %.1f s', kind, len(train_images), time.time() - start)
+  try:
+    run_files.path(cache_dir).mkdir(parents=True, exist_ok=True)
+    # Several processes may fit at once (the hosts of a pod): on a local or shared disk the
+    # first file written is the one every one of them uses; on a bucket the last one stays
+    # (`Preprocessor.save`).
+    fitted.save(path, replace=False)
+    return Preprocessor.load(path)
+  except (OSError, UserError) as e:  # a read-only dataset folder only costs the refit next time
+    logging.warning('Could not cache the %s statistics in %s: %s', kind, path, e)
+  return fitted

@@ -1,8 +1,11 @@
-"""What an entry point sets up before JAX runs anything: the malloc setting and the processes.
+"""What a run sets up before JAX runs anything: the malloc setting, the processes, and
+TensorFlow kept off the GPUs.
 
-Both CLIs (`nin_jax.main`, `nin_jax.benchmark`) call these first, in this order: the malloc
-setting must come before JAX's first computation, and `jax.distributed` before anything touches
-a device. Neither is done on import. Nothing here imports TensorFlow.
+Both CLIs (`nin_jax.main`, `nin_jax.benchmark`) call the first two first, in this order: the
+malloc setting must come before JAX's first computation, and `jax.distributed` before anything
+touches a device. `train.train_and_evaluate` hides the GPUs from TensorFlow before its data
+loads. Nothing is done on import, and TensorFlow is imported only by
+`hide_accelerators_from_tensorflow`, for a run that uses it.
 """
 
 from __future__ import annotations
@@ -79,6 +82,25 @@ def stop_keeping_freed_memory() -> bool:
 # --- Several processes ---------------------------------------------------------------------------
 
 _DISTRIBUTED_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def uses_tensorflow(config, workdir: str) -> bool:
+  """Whether a run may load TensorFlow: for a TFDS dataset, or a path on a bucket. A local
+  folder's run never does, and so saves the 0.5 GB that TensorFlow's import takes."""
+  return config.dataset != 'folder' or any('://' in path for path in (workdir, config.data_dir))
+
+
+def hide_accelerators_from_tensorflow(config, workdir: str) -> None:
+  """Keeps TensorFlow (TFDS's engine; etils' for bucket paths) off the GPUs, whose memory is
+  JAX's: before anything of a run that `uses_tensorflow` imports it. A run that does not is
+  left without TensorFlow."""
+  if not uses_tensorflow(config, workdir):
+    return
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  tf.config.experimental.set_visible_devices([], 'GPU')
 
 
 def check_distributed_flags(coordinator_address: str | None, num_processes: int | None,

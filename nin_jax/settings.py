@@ -1,17 +1,20 @@
 """What each field of a run's config may hold, checked in one place before anything loads.
 
-`validate(config)` checks every field that experiments/default.py defines (and refuses fields it
-does not): its type, its allowed values or range, and the combinations that cannot work (a TFDS
+`validate(config)` checks every field that `nin_jax.default_config` defines (and refuses fields
+it does not): its type, its allowed values or range, and the combinations that cannot work (a TFDS
 dataset with another number of classes, whitening too large to fit, a step schedule that drops
 inside its warmup, a folder dataset without a folder, an image too small for the model).
-A bad setting is one `UserError` line that names the field and what it may be. `nin_jax.main`
-calls it before JAX starts and `train.train_and_evaluate` before loading; each module keeps only
-the checks that need the data (a folder's classes, a device's memory) or the devices (the batch
-over the device count).
+A bad setting is one `UserError` line that names the field and what it may be. A run is checked
+once, where it starts: `nin_jax.main` calls `validate` before JAX loads, and a library caller's
+`train.train_and_evaluate` calls `check_once`, which repeats nothing for a config already
+checked. Past that boundary the library takes the settings as valid; the only checks left are
+those that need the data (a folder's classes) or the devices (the batch over the device count,
+a device's memory), made once each where the run learns them.
 
-The vocabularies of the settings live here too, and the modules that act on them import them:
-this module imports nothing heavier than the standard library until the model check, so that a
-typo costs a fraction of a second, not a TensorFlow start.
+The vocabularies of the settings live here, and the modules that act on them import them (the
+model names are the keys of `nin_jax.architectures.MODELS`). This module and that one import
+nothing beyond the standard library, so a typo costs a fraction of a second, not a JAX or
+TensorFlow start.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numbers
 from typing import Any
 
+from nin_jax import architectures
 from nin_jax.errors import UserError
 
 # --- The vocabularies ---------------------------------------------------------------------------
@@ -38,10 +42,6 @@ PREPROCESS = ('standardize', 'gcn_zca', 'lcn', 'none')
 MAX_ZCA_FEATURES = 4096       # gcn_zca: values per image (its whitening matrix is that squared)
 AUGMENTS = ('none', 'translate', 'translate_flip', 'crop_flip')
 INPUT_PIPELINES = ('auto', 'host', 'device', 'stream')
-# The keys of models.MODELS (tests/settings_test.py holds them equal): named here too, so that a
-# misspelt net is refused before JAX and Flax load.
-MODELS = ('nin_cifar', 'nin_cifar_caffe', 'nin_svhn', 'nin_mnist', 'nin_imagenet', 'nin_small',
-          '_nin_tiny')
 HEADS = ('gap', 'fc', 'fc_dropout')
 INITS = ('he', 'paper', 'data')
 DTYPES = ('float32', 'bfloat16')
@@ -53,12 +53,17 @@ SCHEDULES = ('cosine', 'step', 'plateau', 'constant')
 # --- One rule per field ---------------------------------------------------------------------------
 
 def _choice(*allowed: Any) -> Callable[[Any], str | None]:
-  shown = ', '.join(repr(a) for a in allowed if not str(a).startswith('_'))  # not test nets
-
   def check(value):
     if not any(type(value) is type(a) and value == a for a in allowed):  # True is not 1
-      return f'is not one of {shown}'
+      return f'is not one of {", ".join(map(repr, allowed))}'
   return check
+
+
+def _model(value) -> str | None:
+  """A name of `architectures.MODELS`, read when checked (a test may add a net of its own)."""
+  if not isinstance(value, str) or value not in architectures.MODELS:
+    shown = ', '.join(repr(name) for name in architectures.MODELS if not name.startswith('_'))
+    return f'is not one of {shown}'
 
 
 def _typed(kind: str, low: float | None = None, high: float | None = None, *,
@@ -116,7 +121,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     'stream_workers': _typed('int', 0, 256, also=(-1,)),
     'stream_memory_fraction': _typed('float', 0, 1, low_open=True),
     # Model
-    'model': _choice(*MODELS),
+    'model': _model,
     'head': _choice(*HEADS),
     'dropout_rate': _typed('float', 0, 1, high_open=True),
     'init': _choice(*INITS),
@@ -148,27 +153,50 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def validate(config, *, check_model: bool = True) -> None:
+def validate(config) -> None:
   """Raises UserError (one line: the field, its value, what it may be) for the first bad setting.
+
+  Plain Python: it runs before JAX or any data loads. A config that passes is remembered (by
+  its values), so that `check_once` does not check it again.
 
   Args:
     config: a run's config (a ConfigDict or any mapping with attribute access).
-    check_model: also build the model abstractly (imports JAX and Flax; no computation) to
-      check that it accepts config.image_size.
   """
   keys = set(config.keys())
   unknown = sorted(keys - set(FIELDS))
   if unknown:
     raise UserError(f'config.{unknown[0]}: no such field; the fields are those of '
-                    'experiments/default.py')
+                    'nin_jax/default_config.py')
   missing = [key for key in FIELDS if key not in keys]
   if missing:
     raise UserError(f'config.{missing[0]} is missing; start the config from '
-                    'experiments/default.py\'s get_config()')
+                    'nin_jax.default_config.get_config()')
   for key, check in FIELDS.items():
     problem = check(config[key])
     if problem:
       raise UserError(f'config.{key}={config[key]!r} {problem}')
+  _check_combinations(config)
+  _checked.add(_values(config))
+
+
+def check_once(config) -> None:
+  """`validate`, unless a config with the same values has passed it in this process: what a
+  library entry point (`train.train_and_evaluate`) calls, so that a run started by
+  `nin_jax.main`, which validated first, is checked once."""
+  if _values(config) not in _checked:
+    validate(config)
+
+
+# The values of every config that passed `validate` in this process.
+_checked: set[str] = set()
+
+
+def _values(config) -> str:
+  return repr(sorted((key, config[key]) for key in config.keys()))
+
+
+def _check_combinations(config) -> None:
+  """The settings that cannot work together, each field being valid on its own."""
 
   def bad(key: str, why: str) -> UserError:
     return UserError(f'config.{key}={config[key]!r} {why}')
@@ -208,24 +236,7 @@ def validate(config, *, check_model: bool = True) -> None:
               'nothing to crop from: use input_pipeline=stream (or auto)')
   if config.dataset == 'folder' and not config.data_dir:
     raise bad('data_dir', 'is empty; point it at the image folder (one subfolder per class)')
-  if check_model:
-    _check_model(config)
-
-
-def _check_model(config) -> None:
-  """The model of `config` accepts its images (no kernel larger than its input)."""
-  # Imported here: everything above runs before JAX and Flax have loaded.
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from nin_jax import models  # pylint: disable=g-import-not-at-top
-
-  # Every conv_impl computes the same shapes; 'xla' asks nothing of the backend, which must not
-  # start before jax.distributed does.
-  model = models.model_from_config(config, conv_impl='xla')
-  images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.image_channels),
-                                jnp.float32)
-  try:
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  except UserError as e:  # models.NIN: a kernel larger than its input
+  problem = architectures.model_too_small(config.model, config.image_size)
+  if problem:
     raise UserError(f'config.image_size={config.image_size} with config.model={config.model!r}: '
-                    f'{e}') from None
+                    f'{problem}')

@@ -6,11 +6,11 @@ pure functions of (seed, step), `Sampler.train_draws`, turned into images in two
 
   step --[workers: Grain MapDataset]--> this process's rows and crops of the batch, their files
        read, decoded, resized and cropped: uint8 (B/P, S, S, C)
-       --[trainer, beside the step]--> preprocessed float32, translated and mirrored: the batch
+       --[the train step, on the devices]--> preprocessed float32, translated and mirrored
 
 What varies per image and costs the most (reading, decoding, resizing, cropping) runs on uint8
-in `stream_workers` processes; what follows (normalization, shifts and flips) is the in-memory
-path's own code. Element k of the stream is the batch of step start + k whatever the worker
+in `stream_workers` processes; what follows (normalization, shifts and flips) is every input
+path's own code, inside the jitted step (`nin_jax.device_input`). Element k of the stream is the batch of step start + k whatever the worker
 count, so a resumed run starts its stream at the checkpoint's step and saves no iterator state;
 a folder that fits in memory gives the in-memory path's batches exactly (tests/stream_test.py).
 With several processes each reads only its own rows of each global batch.
@@ -41,8 +41,8 @@ from absl import logging
 import numpy as np
 
 from nin_jax import datasets
-from nin_jax import input_pipeline
 from nin_jax import preprocessing
+from nin_jax import sampler
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
@@ -62,7 +62,7 @@ WORKER_BUFFER = 2
 SHARED_MEMORY_MIN_BYTES = 2**16
 # Threads that decode in the trainer itself with stream_workers=0 (PIL releases the GIL).
 IN_PROCESS_THREADS = 2
-_FIT_STREAM = 3  # a random stream of its own (input_pipeline uses 0 and 1, train.init_images 2)
+_FIT_STREAM = 3  # a random stream of its own (sampler uses 0 and 1, train.init_images 2)
 
 
 # --- In the workers: rows to uint8 images ------------------------------------------------------
@@ -121,7 +121,7 @@ def read_rows(source: FileSource, decoder: Decoder, rows: np.ndarray,
 @dataclasses.dataclass(frozen=True, eq=False)
 class _SplitBatches:
   """What a worker needs to make one split's batches: pickled to each worker once."""
-  sampler: input_pipeline.Sampler
+  sampler: sampler.Sampler
   source: FileSource
   labels: np.ndarray
   decoder: Decoder
@@ -131,7 +131,7 @@ class TrainBatch(_SplitBatches):
   """step -> this process's share of that step's training batch, uint8, before preprocessing.
 
   {'image': uint8 (B/P, S, S, C), 'label': int32 (B/P,), 'shifts', 'flips' (the draws the
-  trainer applies after preprocessing), 'skipped': the unreadable files' lines}.
+  train step applies after preprocessing), 'skipped': the unreadable files' lines}.
   """
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -234,7 +234,7 @@ def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
-class StreamData(input_pipeline.Sampler):
+class StreamData(sampler.Sampler):
   """A folder's batches, streamed: the interface of `input_pipeline.Data` without its arrays.
 
   Attributes (beyond `Sampler`'s):
@@ -287,13 +287,11 @@ class StreamData(input_pipeline.Sampler):
     """Infinite; item k is the training batch of step start_step + k, as `Data.train_batch`."""
     import grain  # pylint: disable=g-import-not-at-top
     steps = grain.MapDataset.range(start_step, 2**62)
-    uint8 = steps.map(TrainBatch(self.sampler(), self.train_source, self.train_labels,
-                                 self.decoder))
-    for batch in stream(uint8, self.workers):
-      self._note_skipped(batch['skipped'].tolist())
-      images = input_pipeline.augment_batch(self.preprocessor(batch['image']), batch,
-                                            self.augment)
-      yield {'image': images, 'label': batch['label']}
+    batches = steps.map(TrainBatch(self.sampler(), self.train_source, self.train_labels,
+                                   self.decoder))
+    for batch in stream(batches, self.workers):
+      self._note_skipped(batch.pop('skipped').tolist())
+      yield batch
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the test split, as `Data.eval_batches` (unreadable images masked out)."""
@@ -301,10 +299,8 @@ class StreamData(input_pipeline.Sampler):
     batches = grain.MapDataset.range(self.num_eval_batches).map(
         EvalBatch(self.sampler(), self.test_source, self.test_labels, self.decoder))
     for batch in stream(batches, self.workers):
-      self._note_skipped(batch['skipped'].tolist())
-      images = self.preprocessor(batch['image'])
-      images[~batch['mask']] = 0.0
-      yield {'image': images, 'label': batch['label'], 'mask': batch['mask']}
+      self._note_skipped(batch.pop('skipped').tolist())
+      yield batch
 
 
 def decoded_bytes(config: ml_collections.ConfigDict, num_images: int) -> int:
@@ -319,7 +315,7 @@ def create_stream_data(config: ml_collections.ConfigDict, listing: datasets.Fold
   decoder = Decoder(config.image_size, config.image_channels, config.resize_size)
   train_source = FileSource(tuple(listing.train_files))
   fit_images, skipped = _read_for_fit(train_source, decoder, config.seed)
-  preprocessor = input_pipeline.fit_or_load_preprocessor(
+  preprocessor = preprocessing.fit_or_load_preprocessor(
       config.preprocess, fit_images, os.path.join(listing.root, datasets.CACHE_FOLDER),
       config.dataset)
   data = StreamData(

@@ -250,8 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   results.json.
   """
   start_time = time.time()
-  settings.validate(config)
+  # --- Check the run: once each, before anything loads ---
+  settings.check_once(config)  # nin_jax.main has checked its config already: nothing repeated
   parallel.check_batch_size(config.batch_size)
+  device_input.check_fits_before_load(config, device_input.device_memory_bytes())
+  runtime.hide_accelerators_from_tensorflow(config, workdir)
   config = config.copy_and_resolve_references()  # the caller's config stays as it was
   config.eval_batch_size = parallel.eval_batch_size(config.eval_batch_size)
   is_writer = jax.process_index() == 0
@@ -272,13 +275,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # --- Set up mesh ---
   mesh = parallel.create_mesh()
   replicated, data_sharding = parallel.shardings(mesh)
-  # The host sends either whole batches, or (device path) only their draws: the rows and
-  # augmentation of each image, turned into the same batch on the devices inside the step.
+  # The host sends uint8 batches and their augmentation draws, or (device path) the draws
+  # alone; the step makes the network's batch of them (nin_jax.device_input).
   pipeline = device_input.choose_pipeline(config.input_pipeline, data)
   if pipeline == 'stream' and runtime.stop_keeping_freed_memory():
     logging.info('Streaming: malloc gives freed memory back again (--keep_freed_memory is for '
                  'runs whose data is in memory)')
-  steps = parallel.jit_steps(mesh, *functions, device_data=data if pipeline == 'device' else None)
+  steps = parallel.jit_steps(mesh, *functions, data, on_devices=pipeline == 'device')
   init_fn, update_fn, eval_fn = steps.init, steps.train, steps.eval
   if pipeline == 'device':
     train_inputs = lambda start: map(data.train_draws, itertools.count(start))

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import benchmark, convs, models
+from conftest import REPO as ROOT, SITE
+from nin_jax import benchmark, convs, default_config, models
 from nin_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON_KEYS = {'images_per_sec', 'step_ms', 'gflops_per_sec', 'compile_seconds', 'peak_rss_mb',
              'backend', 'device_count', 'model', 'batch_size', 'dtype', 'conv_impl'}
 TINY = dict(widths=((8, 8, 8), (8, 8, 8), (8, 8, None)))  # nin_cifar's shape, 8 maps wide
@@ -67,7 +67,7 @@ def test_the_timed_step_is_built_from_the_training_config():
                                   dropout_rate=0.0, config_overrides=config_overrides, **TINY)
 
   default = losses()
-  assert benchmark.default_config().weight_decay == 5e-4  # what `default` ran with
+  assert default_config.get_config().weight_decay == 5e-4  # what `default` ran with
   for changed in (losses(weight_decay=0.05), losses(lr_multipliers='none')):
     assert changed[0] == default[0]  # the same net and batch before the first update
     assert abs(changed[-1] - default[-1]) > 1e-3, (changed, default)
@@ -130,7 +130,7 @@ def test_bad_settings_are_user_errors():
     benchmark.run_benchmark('eval', 'nin_small', batch_size=2, steps=1, conv_impl='fast')
 
 
-def run_cli(*args, devices=1, timeout=240, hide=()):
+def run_cli(*args, devices=1, timeout=240, hide=(), cwd=ROOT):
   """Runs `python -m nin_jax.benchmark ARGS` in a fresh process that reports, after the CLI
   exits, whether PIL and TensorFlow were imported (the accelerator machines have neither).
   The modules in `hide` cannot be imported there (as if not installed)."""
@@ -147,9 +147,9 @@ def run_cli(*args, devices=1, timeout=240, hide=()):
           'print("TENSORFLOW_IMPORTED", "tensorflow" in sys.modules, flush=True)\n'
           'sys.exit(code)\n')
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+             JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join([SITE, ROOT]))
   return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                        cwd=ROOT, timeout=timeout)
+                        cwd=cwd, timeout=timeout)
 
 
 def test_cli_prints_one_json_line_last_without_tensorflow_on_two_devices():
@@ -167,11 +167,12 @@ def test_cli_prints_one_json_line_last_without_tensorflow_on_two_devices():
   assert isinstance(result['malloc_tuned'], bool)
 
 
-def test_cli_device_input_path_on_two_devices_needs_neither_pil_nor_tensorflow():
-  # Nor ml_collections: the default config is read with a stand-in, as on the accelerators.
+def test_cli_device_input_path_on_two_devices_needs_neither_pil_nor_tensorflow(tmp_path):
+  # Nor ml_collections (the default config is then a dict, as on the accelerators), nor the
+  # repository's folder: it runs from any other.
   proc = run_cli('train', '--model', '_nin_tiny', '--batch_size', '4', '--steps', '2',
                  '--image_size', '8', '--input', 'device', '--num_images', '32', devices=2,
-                 hide=('ml_collections',))
+                 hide=('ml_collections',), cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
   assert lines[-2:] == ['PIL_IMPORTED False', 'TENSORFLOW_IMPORTED False']

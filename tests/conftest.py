@@ -12,6 +12,13 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The test-only nets (tests/site/tiny_nets.py): here, and in every process the tests start.
+SITE = os.path.join(REPO, 'tests', 'site')
+sys.path.insert(0, SITE)
+import tiny_nets  # pylint: disable=g-import-not-at-top,wrong-import-position
+tiny_nets.register()
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    [SITE, *filter(None, [os.environ.get('PYTHONPATH')])])
 
 # Compiled programs are cached across the test processes (subprocess runs compile the same nets).
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(REPO, '.pytest_cache', 'jax'))

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+from nin_jax import architectures
 from nin_jax import models
-from nin_jax.errors import UserError
 
 # name -> (num_classes, image_size, channels)
 AUTHORS_NETS = {
@@ -388,18 +388,23 @@ def test_fc_head_multipliers():
 
 # --- Bad settings --------------------------------------------------------------------------------
 
-def test_bad_settings_are_user_errors():
-  with pytest.raises(UserError, match='nin_cifar'):
+def test_bad_arguments_are_programming_errors():
+  """settings.validate refuses each as a config; the library raises ValueError."""
+  with pytest.raises(ValueError, match='nin_cifar'):
     models.get_model('nin_cifarr', 10)
-  with pytest.raises(UserError, match='init'):
+  with pytest.raises(ValueError, match='init'):
     models.get_model('nin_cifar', 10, init='xavier')
-  with pytest.raises(UserError, match='head'):
-    models.get_model('nin_cifar', 10, head='mlp')
-  with pytest.raises(UserError, match='num_classes'):
+  with pytest.raises(ValueError, match='head'):
+    jax.eval_shape(lambda: models.get_model('nin_cifar', 10, head='mlp').init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  with pytest.raises(ValueError, match='num_classes'):
     models.get_model('nin_cifar', 1)
   model = models.get_model('nin_imagenet', 1000)
-  with pytest.raises(UserError, match='too small'):
+  with pytest.raises(ValueError, match='too small'):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
+  # The same rule, before JAX: what settings.validate reports.
+  assert 'too small' in architectures.model_too_small('nin_imagenet', 8)
+  assert architectures.model_too_small('nin_imagenet', 224) is None
 
 
 # --- The data-dependent init (init='data') ------------------------------------------------------

@@ -12,23 +12,23 @@ import os
 
 import pytest
 
-from benchmarks import recipes
+from nin_jax import probe
 from conftest import REPO
 
 
 @pytest.fixture(scope='module')
 def digits():
-  images, labels, class_names = recipes.load_images('digits')
-  rows_train, rows_test = recipes.split(labels, 0.2)
+  images, labels, class_names = probe.load_images('digits')
+  rows_train, rows_test = probe.split(labels, 0.2)
   return images, labels, class_names, rows_train, rows_test
 
 
 def _probe(digits, experiment: str, seed: int, steps: int) -> dict:
   """The first `steps` steps of experiments/`experiment` as written, on the digits."""
   images, labels, class_names, rows_train, rows_test = digits
-  config = recipes.load_config(os.path.join(REPO, 'experiments', experiment), seed, [], None)
-  data = recipes.make_data(config, images, labels, class_names, rows_train, rows_test)
-  result = recipes.probe(config, data, steps=steps, every=0, chance_fraction=0.9)
+  config = probe.load_config(os.path.join(REPO, 'experiments', experiment), seed)
+  data = probe.make_data(config, images, labels, class_names, rows_train, rows_test)
+  result = probe.probe(config, data, steps=steps, every=0, chance_fraction=0.9)
   return {**result, 'image_shape': data.image_shape}
 
 

@@ -1,5 +1,7 @@
 """Tests for nin_jax.settings: every field checked before anything loads, one line per mistake."""
 
+import ast
+import glob
 import os
 import subprocess
 import sys
@@ -8,11 +10,10 @@ import time
 import ml_collections
 import pytest
 
+from conftest import REPO, config_flags, tiny_config
 from experiments import default
-from nin_jax import augment, convs, datasets, device_input, models, preprocessing, settings
+from nin_jax import settings
 from nin_jax.errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**overrides):
@@ -22,17 +23,104 @@ def _config(**overrides):
   return config
 
 
-def test_the_vocabularies_are_the_modules_own():
-  assert set(settings.MODELS) == set(models.MODELS)
-  assert set(settings.DTYPES) == set(models.DTYPES)
-  assert set(settings.PREPROCESS) == set(preprocessing.KINDS)
-  assert settings.AUGMENTS is augment.AUGMENTS and settings.CONV_IMPLS is convs.CONV_IMPLS
-  assert settings.INPUT_PIPELINES is device_input.INPUT_PIPELINES
-  assert settings.DATASETS is datasets.DATASETS
+# The names of the settings' vocabularies: each is defined in nin_jax/settings.py (the model
+# names: the keys of nin_jax/architectures.py's MODELS) and imported, never restated, elsewhere.
+_VOCABULARIES = ('MODELS', 'DATASETS', 'TFDS_CLASSES', 'PREPROCESS', 'AUGMENTS', 'INPUT_PIPELINES',
+                 'HEADS', 'INITS', 'DTYPES', 'CONV_IMPLS', 'LR_MULTIPLIERS', 'SCHEDULES', 'KINDS',
+                 'TFDS_DATASETS')
+
+
+def _modules():
+  for path in sorted(glob.glob(os.path.join(REPO, 'nin_jax', '*.py'))):
+    with open(path) as f:
+      yield os.path.basename(path)[:-3], ast.parse(f.read())
+
+
+def test_each_vocabulary_is_defined_in_one_module():
+  defined = {}
+  for name, tree in _modules():
+    for node in tree.body:  # module-level assignments
+      targets = node.targets if isinstance(node, ast.Assign) else (
+          [node.target] if isinstance(node, ast.AnnAssign) else [])
+      for target in targets:
+        if isinstance(target, ast.Name) and target.id in _VOCABULARIES:
+          defined.setdefault(target.id, []).append(name)
+  assert defined['MODELS'] == ['architectures']
+  assert all(modules == ['settings'] for key, modules in defined.items() if key != 'MODELS'), (
+      defined)
+
+
+def test_the_package_has_no_import_cycle():
+  """Every import of one nin_jax module by another, at the top or inside a function."""
+  graph = {}
+  for name, tree in _modules():
+    deps = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module == 'nin_jax':
+        deps |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('nin_jax.'):
+        deps.add(node.module.split('.')[1])
+    graph[name] = deps & set(dict(_modules())) - {name}
+  state = {}
+
+  def visit(name, path):
+    if state.get(name) == 'done':
+      return
+    assert state.get(name) != 'open', 'import cycle: ' + ' -> '.join(path + [name])
+    state[name] = 'open'
+    for dep in sorted(graph[name]):
+      visit(dep, path + [name])
+    state[name] = 'done'
+
+  for name in graph:
+    visit(name, [])
+  assert graph['settings'] == {'architectures', 'errors'} and not graph['architectures']
+
+
+def test_the_nets_raise_no_user_error():
+  """UserError is the command line's (settings, data, run files); the nets take valid values."""
+  for name, tree in _modules():
+    if name in ('models', 'convs', 'architectures'):
+      assert not any(isinstance(node, ast.Name) and node.id == 'UserError'
+                     for node in ast.walk(tree)), name
+
+
+_COUNT_VALIDATIONS = r'''
+import atexit, sys
+from absl import app
+from nin_jax import main, settings
+calls = []
+validate = settings.validate
+settings.validate = lambda config: calls.append(1) or validate(config)
+atexit.register(lambda: print('validations:', len(calls)))
+app.run(main.main, argv=['nin_jax.main', *sys.argv[1:]], flags_parser=main.parse_flags)
+'''
+
+
+def test_a_run_is_validated_once(blobs_folder, tmp_path):
+  """`python -m nin_jax.main` checks its config once: main before JAX, and neither the trainer
+  nor the input pipeline again."""
+  config = tiny_config(blobs_folder, num_train_steps=2, log_every_steps=1, eval_every_steps=2,
+                       checkpoint_every_steps=2)
+  result = subprocess.run(
+      [sys.executable, '-c', _COUNT_VALIDATIONS, '--config', 'experiments/default.py',
+       '--workdir', str(tmp_path / 'run'), *config_flags(config)], cwd=REPO, capture_output=True,
+      text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'validations: 1' in result.stdout, result.stdout[-2000:]
+  assert (tmp_path / 'run' / 'results.json').exists()
+
+
+def test_a_library_run_is_validated_where_it_starts(tmp_path):
+  """train_and_evaluate checks a config nin_jax.main has not: nothing is made for a bad one."""
+  from nin_jax import train  # pylint: disable=g-import-not-at-top
+  config = _config(schedule='cosin')
+  with pytest.raises(UserError, match=r"config\.schedule='cosin'"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 def test_every_field_of_every_experiment_is_known_and_valid():
-  import glob  # pylint: disable=g-import-not-at-top
   import importlib  # pylint: disable=g-import-not-at-top
   assert set(default.get_config()) == set(settings.FIELDS)
   for path in sorted(glob.glob(os.path.join(REPO, 'experiments', '*.py'))):

@@ -2,7 +2,6 @@
 it trains, the ImageNet folder layout, its crops, bad files, resumption and several processes."""
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -11,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -18,7 +18,10 @@ import pytest
 from conftest import REPO, config_flags, read_metrics, run_main, tiny_config
 from experiments import default
 from nin_jax import datasets
+from nin_jax import device_input
 from nin_jax import input_pipeline
+from nin_jax import sampler
+from nin_jax import settings
 from nin_jax import stream
 from nin_jax.errors import UserError
 
@@ -83,8 +86,9 @@ def test_stream_gives_the_in_memory_batches(photos, workers, resize_size):
       with contextlib.closing(streamed.train_batches(start)) as batches:
         for step, batch in zip(range(start, start + 5), batches):
           expected = memory.train_batch(step)
-          np.testing.assert_array_equal(batch['label'], expected['label'])
-          np.testing.assert_array_equal(batch['image'], expected['image'])
+          assert set(batch) == set(expected) == {'image', 'label', 'shifts', 'flips'}
+          for key in expected:
+            np.testing.assert_array_equal(batch[key], expected[key])
     for got, expected in zip(streamed.eval_batches(), memory.eval_batches(), strict=True):
       for key in ('image', 'label', 'mask'):
         np.testing.assert_array_equal(got[key], expected[key])
@@ -145,12 +149,18 @@ def test_crop_flip_crops_every_batch_differently_and_needs_the_stream(photos):
   images, _, _ = stream.read_rows(data.train_source, data.decoder, draws['rows'], draws['crops'])
   centred, _, _ = stream.read_rows(data.train_source, data.decoder, draws['rows'])
   assert (images != centred).any()
+  np.testing.assert_array_equal(batch['image'], images)  # the crops, uint8
+  np.testing.assert_array_equal(batch['flips'], draws['flips'])
+  # The train step preprocesses and mirrors them.
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  made = jax.jit(device_input.batch_makers(data)[0])(
+      batch, device_input.put_on_devices(data, sharding, dataset=False))
   expected = data.preprocessor(images)
   expected[draws['flips']] = expected[draws['flips']][:, :, ::-1]
-  np.testing.assert_array_equal(batch['image'], expected)
+  np.testing.assert_allclose(jax.device_get(made['image']), expected, atol=1e-5)
   for key, value in (('input_pipeline', 'host'), ('resize_size', 0)):
     with pytest.raises(UserError, match=f'config.{key if value else "augment"}'):
-      _create(_config(photos, **{'resize_size': 20, 'augment': 'crop_flip', key: value}))
+      settings.validate(_config(photos, **{'resize_size': 20, 'augment': 'crop_flip', key: value}))
 
 
 def test_auto_streams_a_folder_larger_than_its_share_of_memory(photos, monkeypatch, caplog):
@@ -312,13 +322,13 @@ def test_two_processes_each_read_only_their_own_rows(tmp_path):
       len(listing.train_files), 6, replace=False)
   fit = {listing.train_files[r] for r in fit_rows}  # read by both processes
   for process_index, opened_file in ((0, 'opened0.json'), (1, 'opened1.json')):
-    sampler = input_pipeline.Sampler(
+    draws = sampler.Sampler(
         num_train_examples=len(listing.train_files), num_test_examples=len(listing.test_files),
         batch_size=8, eval_batch_size=8, augment='crop_flip', process_index=process_index,
         process_count=2)
     rows = lambda steps: {listing.train_files[r] for step in steps
-                          for r in sampler.train_draws(step)['rows']}
-    evaluated = {listing.test_files[r] for d in sampler.eval_draws() for r in d['rows'][d['mask']]}
+                          for r in draws.train_draws(step)['rows']}
+    evaluated = {listing.test_files[r] for d in draws.eval_draws() for r in d['rows'][d['mask']]}
     opened = set(json.load(open(tmp_path / opened_file)))
     assert opened <= set(files)
     # Every row of its 8 steps, and beyond them only its rows of the steps read ahead: this
