@@ -204,7 +204,7 @@ def build_benchmark(mode: str, model_name: str, *, batch_size: int, dtype: str =
   batch = {k: jax.make_array_from_process_local_data(batch_sharded, v) for k, v in fixed.items()}
   next_inputs = lambda: batch
   if input == 'host':
-    batches = parallel.prefetch_to_mesh(data.train_batches(), batch_sharded)
+    batches = parallel.prefetch_to_mesh(data.train_batches(preprocessed=True), batch_sharded)
     next_inputs = lambda: next(batches)
   elif input == 'device':  # the host sends only each batch's draws
     draws = parallel.prefetch_to_mesh(map(data.train_draws, itertools.count()), batch_sharded)
@@ -308,9 +308,10 @@ def define_flags() -> None:
 def input_benchmark(config, *, mock: bool, num_batches: int = 200,
                     mock_examples: int = 10_000) -> dict[str, Any]:
   """Times the training batches alone (no model), on this host, one process: each batch as the
-  host path gives it (a uint8 gather with its draws), sent to the devices and made into the
-  network's batch by training's own jitted function (`device_input.train_batch`: the
-  preprocessing and augmentation), waited for.
+  host path gives it (a gather with its draws; preprocessed at load where the split fits), sent
+  to the devices and made into the network's batch by training's own jitted function
+  (`device_input.train_batch`: the rest of the preprocessing, and the augmentation), waited
+  for.
 
   Args:
     config: the experiment's config.
@@ -321,7 +322,7 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
 
   Returns:
     {'images_per_sec', 'seconds_per_batch', 'load_seconds', 'batch_size', 'num_batches',
-     'num_train_examples', 'dataset', 'preprocess', 'augment'}
+     'num_train_examples', 'dataset', 'preprocessed_at_load', 'preprocess', 'augment'}
   """
   if config is None:
     raise UserError('input: name the experiment with --config=experiments/NAME.py')
@@ -347,7 +348,7 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
   replicated, sharded = parallel.shardings(parallel.create_mesh())
   arrays = device_input.put_on_devices(data, replicated, dataset=False)
   make_batch = jax.jit(device_input.batch_makers(data)[0])
-  batches = parallel.prefetch_to_mesh(data.train_batches(), sharded)
+  batches = parallel.prefetch_to_mesh(data.train_batches(preprocessed=True), sharded)
   for _ in range(3):
     jax.block_until_ready(make_batch(next(batches), arrays))
   start = time.perf_counter()
@@ -359,6 +360,7 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
               seconds_per_batch=seconds / num_batches, load_seconds=load_seconds,
               batch_size=data.batch_size, num_batches=num_batches,
               num_train_examples=data.num_train_examples, dataset=config.dataset,
+              preprocessed_at_load=getattr(data, 'preprocesses_at_load', False),
               preprocess=config.preprocess, augment=config.augment)
 
 

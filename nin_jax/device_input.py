@@ -29,6 +29,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nin_jax import augment as augment_lib  # `augment` is the setting's name here
@@ -141,13 +142,16 @@ def train_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *, kind: s
   `inputs` is a host or stream batch, {'image': uint8 (B, H, W, C), 'label', 'shifts',
   'flips'}, or the device path's draws, {'rows', 'shifts', 'flips'}, whose images and labels
   are gathered here from `arrays` (`put_on_devices`). Either way the images are preprocessed
-  (`preprocessing.normalize`) and translated/flipped (`augment.augment`) by the same code.
+  (`preprocessing.normalize`) and translated/flipped (`augment.augment`) by the same code. A
+  host batch of float32 images was preprocessed at load by that same function (`Data`: a split
+  that fits, whitened once instead of per step); the step then only augments it.
   """
   if 'rows' in inputs:
     images, labels = arrays['train_images'][inputs['rows']], arrays['train_labels'][inputs['rows']]
   else:
     images, labels = inputs['image'], inputs['label']
-  images = preprocessing.normalize(kind, images, arrays['statistics'])
+  if images.dtype == jnp.uint8:  # float32: preprocessed at load (`Data.train_batch`)
+    images = preprocessing.normalize(kind, images, arrays['statistics'])
   images = augment_lib.augment(augment, images, inputs['shifts'], inputs['flips'],
                                translate_pixels)
   return {'image': images, 'label': labels}
@@ -161,8 +165,9 @@ def eval_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *,
     images, labels = arrays['test_images'][inputs['rows']], arrays['test_labels'][inputs['rows']]
   else:
     images, labels = inputs['image'], inputs['label']
-  return {'image': preprocessing.normalize(kind, images, arrays['statistics']),
-          'label': labels, 'mask': inputs['mask']}
+  if images.dtype == jnp.uint8:  # float32: preprocessed at load (`Data.eval_batches`)
+    images = preprocessing.normalize(kind, images, arrays['statistics'])
+  return {'image': images, 'label': labels, 'mask': inputs['mask']}
 
 
 def batch_makers(data) -> tuple[Any, Any]:

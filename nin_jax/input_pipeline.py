@@ -1,9 +1,12 @@
 """Input pipeline: a dataset in host memory (`nin_jax.datasets`), and its batches as numpy arrays.
 
-Each batch is gathered from the uint8 dataset: {'image': uint8, 'label': int32} and the
-augmentation draws of its step (`sampler.Sampler`). The train and eval steps preprocess and
-augment it on the devices (`nin_jax.device_input`), the same code for every input path, so
-the host's work per batch is one gather, and batches cross to the devices as uint8.
+Each batch is gathered from the dataset: {'image', 'label': int32} and the augmentation draws
+of its step (`sampler.Sampler`). The train and eval steps preprocess and augment it on the
+devices (`nin_jax.device_input`), the same code for every input path, so the host's work per
+batch is one gather. The images are uint8, or for the trainer's host path (`preprocessed=True`)
+float32: a split that fits is preprocessed once, at its first batch, by the steps' own jitted
+function, so that ZCA (a 3072x3072 product per image) is not redone every step: see
+PREPROCESS_AT_LOAD_MAX_BYTES.
 
 Batches are pure functions of (config.seed, step): a resumed run sees exactly the batches that
 the uninterrupted run would have seen, and the global batch does not depend on the number of
@@ -25,6 +28,7 @@ from collections.abc import Iterator
 import dataclasses
 import itertools
 import os
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -40,6 +44,14 @@ from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
   import ml_collections
+
+# The host path preprocesses a split whose float32 copy is at most this big once, when it draws
+# its first batch (CIFAR-10 train: 0.6 GiB; SVHN train + extra, 7.4 GiB, stays uint8), with the
+# steps' own jitted `preprocessing.normalize`. Why: GCN + ZCA is a 3072x3072 product per image,
+# 19 ms per batch of 128 on two CPU cores; made in the step, the host path's batches came at
+# 3,748 images/s (`nin_jax.benchmark input`, experiments/cifar10_aug.py), whitened once at
+# 20,779 images/s.
+PREPROCESS_AT_LOAD_MAX_BYTES = 2 * 2**30
 
 # --- The batches --------------------------------------------------------------------------------
 
@@ -67,12 +79,34 @@ class Data(sampler.Sampler):
   test_labels: np.ndarray = dataclasses.field(repr=False)
   skipped_files: list[str] = dataclasses.field(default_factory=list)
   streamed = False  # the input path's name in results: see `stream.StreamData`
+  _preprocessed: dict[str, np.ndarray] = dataclasses.field(init=False, repr=False,
+                                                           default_factory=dict)
+  _preprocessed_lock: threading.Lock = dataclasses.field(init=False, repr=False,
+                                                         default_factory=threading.Lock)
 
   def __post_init__(self):
     super().__post_init__()
     if not 0 <= self.translate_pixels < min(self.image_shape[:2]):  # settings.validate's rule
       raise ValueError(f'translate_pixels={self.translate_pixels}: must be smaller than the '
                        f'images ({self.image_shape[0]}x{self.image_shape[1]})')
+
+  @property
+  def preprocesses_at_load(self) -> bool:
+    """Whether `preprocessed=True` batches are preprocessed (float32): the training split's
+    float32 copy fits in PREPROCESS_AT_LOAD_MAX_BYTES."""
+    return self.train_images_uint8.size * 4 <= PREPROCESS_AT_LOAD_MAX_BYTES
+
+  def _split(self, split: str, preprocessed: bool) -> np.ndarray:
+    """The uint8 split, or with `preprocessed` (and `preprocesses_at_load`) the whole split
+    preprocessed once, on first use, by `Preprocessor.__call__`: the steps' own jitted
+    `preprocessing.normalize`. The train and eval prefetch threads may ask at once."""
+    images = self.train_images_uint8 if split == 'train' else self.test_images_uint8
+    if not (preprocessed and self.preprocesses_at_load):
+      return images
+    with self._preprocessed_lock:
+      if split not in self._preprocessed:
+        self._preprocessed[split] = self.preprocessor(images)
+      return self._preprocessed[split]
 
   def train_images(self, rows: np.ndarray) -> np.ndarray:
     """uint8 (len(rows), H, W, C) training images, not preprocessed."""
@@ -82,30 +116,34 @@ class Data(sampler.Sampler):
     """uint8 (len(rows), H, W, C) test images, not preprocessed."""
     return self.test_images_uint8[rows]
 
-  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+  def train_batch(self, step: int, *, preprocessed: bool = False) -> dict[str, np.ndarray]:
     """This process's share of the global training batch of `step` (see `train_draws`):
     {'image': uint8 (B/P, H, W, C), 'label': int32 (B/P,), 'shifts', 'flips'}; the step
-    preprocesses and augments it (`device_input.train_batch`)."""
+    preprocesses (uint8 images only) and augments it (`device_input.train_batch`). With
+    `preprocessed` the images are float32, preprocessed at load, where the split allows
+    (`preprocesses_at_load`): the host path's batches."""
     draws = self.train_draws(step)
     rows = draws['rows']
-    return {'image': self.train_images_uint8[rows], 'label': self.train_labels[rows],
+    return {'image': self._split('train', preprocessed)[rows], 'label': self.train_labels[rows],
             'shifts': draws['shifts'], 'flips': draws['flips']}
 
-  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite; item k is `train_batch(start_step + k)`."""
+  def train_batches(self, start_step: int = 0, *,
+                    preprocessed: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite; item k is `train_batch(start_step + k, preprocessed=preprocessed)`."""
     for step in itertools.count(start_step):
-      yield self.train_batch(step)
+      yield self.train_batch(step, preprocessed=preprocessed)
 
-  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+  def eval_batches(self, *, preprocessed: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the test split: every example exactly once over all processes.
 
     Global batches of eval_batch_size in order; the last is padded with zero images whose
     'mask' is False. Process p yields rows [p*E/P, (p+1)*E/P) of each global batch:
-    {'image': uint8, 'label': int32, 'mask': bool}.
+    {'image': uint8 (float32 with `preprocessed`, as `train_batch`), 'label': int32,
+    'mask': bool}.
     """
     for draws in self.eval_draws():
       rows, mask = draws['rows'], draws['mask']
-      images = self.test_images_uint8[rows]
+      images = self._split('test', preprocessed)[rows]
       images[~mask] = 0
       labels = np.where(mask, self.test_labels[rows], 0).astype(np.int32)
       yield {'image': images, 'label': labels, 'mask': mask}

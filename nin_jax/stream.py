@@ -283,8 +283,11 @@ class StreamData(sampler.Sampler):
     """uint8 (len(rows), S, S, C) test images as evaluated (black where unreadable)."""
     return self._images(self.test_source, rows)
 
-  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite; item k is the training batch of step start_step + k, as `Data.train_batch`."""
+  def train_batches(self, start_step: int = 0, *,
+                    preprocessed: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite; item k is the training batch of step start_step + k, as `Data.train_batch`
+    (uint8 whatever `preprocessed` asks: a stream is preprocessed in the step)."""
+    del preprocessed
     import grain  # pylint: disable=g-import-not-at-top
     steps = grain.MapDataset.range(start_step, 2**62)
     batches = steps.map(TrainBatch(self.sampler(), self.train_source, self.train_labels,
@@ -293,8 +296,10 @@ class StreamData(sampler.Sampler):
       self._note_skipped(batch.pop('skipped').tolist())
       yield batch
 
-  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over the test split, as `Data.eval_batches` (unreadable images masked out)."""
+  def eval_batches(self, *, preprocessed: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over the test split, as `Data.eval_batches` (unreadable images masked out;
+    uint8 whatever `preprocessed` asks)."""
+    del preprocessed
     import grain  # pylint: disable=g-import-not-at-top
     batches = grain.MapDataset.range(self.num_eval_batches).map(
         EvalBatch(self.sampler(), self.test_source, self.test_labels, self.decoder))

@@ -287,7 +287,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     train_inputs = lambda start: map(data.train_draws, itertools.count(start))
     eval_inputs = data.eval_draws
   else:
-    train_inputs, eval_inputs = data.train_batches, data.eval_batches
+    # A split that fits is preprocessed once, at its first batch (`Data.preprocesses_at_load`).
+    train_inputs = functools.partial(data.train_batches, preprocessed=True)
+    eval_inputs = functools.partial(data.eval_batches, preprocessed=True)
   logging.info('Input pipeline: %s', pipeline)
 
   # --- Load checkpoint ---

@@ -164,6 +164,36 @@ def test_augment_modes(augment, may_flip):
   assert (flipped > 10) if may_flip else (flipped == 0)
 
 
+@pytest.mark.parametrize('preprocess', ['standardize', 'gcn_zca'])
+def test_host_batches_preprocessed_at_load_make_the_same_network_batches(preprocess):
+  """The host path's float32 batches (the split preprocessed once by the steps' own function)
+  and uint8 ones (preprocessed in the step) give the step the same batch; too large a split
+  stays uint8."""
+  data = _arrays_data(preprocess=preprocess, augment='translate_flip', translate_pixels=2)
+  assert data.preprocesses_at_load
+  for step in (0, 7):
+    at_load = data.train_batch(step, preprocessed=True)
+    assert at_load['image'].dtype == np.float32
+    in_step = data.train_batch(step)
+    assert in_step['image'].dtype == np.uint8
+    np.testing.assert_allclose(_network_batch(data, at_load)['image'],
+                               _network_batch(data, in_step)['image'], rtol=1e-4, atol=1e-4)
+  for at_load, in_step in zip(data.eval_batches(preprocessed=True), data.eval_batches(),
+                              strict=True):
+    mask = in_step['mask']
+    assert not at_load['image'][~mask].any()
+    np.testing.assert_allclose(_network_batch(data, at_load)['image'][mask],
+                               _network_batch(data, in_step)['image'][mask], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_a_split_too_large_to_preprocess_at_load_stays_uint8(monkeypatch):
+  monkeypatch.setattr(input_pipeline, 'PREPROCESS_AT_LOAD_MAX_BYTES', 0)
+  data = _arrays_data(preprocess='standardize')
+  assert not data.preprocesses_at_load
+  assert data.train_batch(0, preprocessed=True)['image'].dtype == np.uint8
+
+
 # --- Evaluation batches -------------------------------------------------------------------------
 
 
