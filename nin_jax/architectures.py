@@ -1,4 +1,5 @@
-"""The nets of the paper, and the small NIN of the seed notes, as data.
+"""The nets of the paper, and the small NIN of the student notes that started this project,
+as data.
 
 `MODELS` maps a model name (config.model) to the fields of its `nin_jax.models.NIN`: the
 authors' layer widths, kernels, strides, paddings, pools and dropout, exactly. Plain Python and

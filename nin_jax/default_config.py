@@ -1,6 +1,6 @@
 """Every field a run has, with its default. The experiments import this and override a few.
 
-experiments/default.py runs it as it is: the small NIN on the 62 characters of the seed notes,
+experiments/default.py runs it as it is: the small NIN on the student notes' 62 characters,
 generated on first use, like `experiments/chars.py`. It lives in the package, not only in
 experiments/, so that the tools that build on the defaults (`nin_jax.benchmark`) run from any
 folder once the package is installed.

@@ -3,7 +3,7 @@
 `register()` runs in the pytest processes (tests/conftest.py) and, through sitecustomize.py
 beside this file, in every Python process the tests start: conftest.py puts this folder on
 PYTHONPATH, so that a training run, a prediction or a benchmark started as a command can name
-these nets too. The package's table holds only the nets of the paper and the seed notes.
+these nets too. The package's table holds only the nets of the paper and the small NIN.
 """
 
 import os
