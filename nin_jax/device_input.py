@@ -134,6 +134,21 @@ def put_on_devices(data, sharding: jax.sharding.Sharding, *, dataset: bool) -> d
 # --- The batches, made inside the steps -----------------------------------------------------------
 
 
+def _preprocessed(inputs: dict[str, jax.Array], arrays: dict[str, Any], split: str,
+                  kind: str) -> tuple[jax.Array, jax.Array]:
+  """(preprocessed images, labels) of a batch of `split` ('train' or 'test'): gathered from
+  `arrays` for the device path's draws; uint8 images normalized, float32 ones kept (the host
+  path preprocessed them at load with this same function)."""
+  if 'rows' in inputs:
+    rows = inputs['rows']
+    images, labels = arrays[f'{split}_images'][rows], arrays[f'{split}_labels'][rows]
+  else:
+    images, labels = inputs['image'], inputs['label']
+  if images.dtype == jnp.uint8:
+    images = preprocessing.normalize(kind, images, arrays['statistics'])
+  return images, labels
+
+
 def train_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *, kind: str,
                 augment: str, translate_pixels: int) -> dict[str, jax.Array]:
   """The network's training batch, inside the jitted step: {'image': float32 (B, H, W, C),
@@ -146,12 +161,7 @@ def train_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *, kind: s
   host batch of float32 images was preprocessed at load by that same function (`Data`: a split
   that fits, whitened once instead of per step); the step then only augments it.
   """
-  if 'rows' in inputs:
-    images, labels = arrays['train_images'][inputs['rows']], arrays['train_labels'][inputs['rows']]
-  else:
-    images, labels = inputs['image'], inputs['label']
-  if images.dtype == jnp.uint8:  # float32: preprocessed at load (`Data.train_batch`)
-    images = preprocessing.normalize(kind, images, arrays['statistics'])
+  images, labels = _preprocessed(inputs, arrays, 'train', kind)
   images = augment_lib.augment(augment, images, inputs['shifts'], inputs['flips'],
                                translate_pixels)
   return {'image': images, 'label': labels}
@@ -161,12 +171,7 @@ def eval_batch(inputs: dict[str, jax.Array], arrays: dict[str, Any], *,
                kind: str) -> dict[str, jax.Array]:
   """The network's evaluation batch, as `train_batch` makes it (no augmentation), with 'mask'
   (False on the padding of the last batch, which `train.eval_step` leaves out)."""
-  if 'rows' in inputs:
-    images, labels = arrays['test_images'][inputs['rows']], arrays['test_labels'][inputs['rows']]
-  else:
-    images, labels = inputs['image'], inputs['label']
-  if images.dtype == jnp.uint8:  # float32: preprocessed at load (`Data.eval_batches`)
-    images = preprocessing.normalize(kind, images, arrays['statistics'])
+  images, labels = _preprocessed(inputs, arrays, 'test', kind)
   return {'image': images, 'label': labels, 'mask': inputs['mask']}
 
 
