@@ -1,4 +1,4 @@
-"""The quickstart: the seed notes' 62 characters (0-9, A-Z, a-z), generated, through the folder
+"""The quickstart: the student's 62 characters (0-9, A-Z, a-z), generated, through the folder
 dataset, with the small NIN. Offline, on a laptop's CPU, in minutes.
 
   python -m nin_jax.main --config experiments/chars.py --workdir runs/chars

@@ -1,4 +1,4 @@
-"""CIFAR-10 without dropout, Table 1 / Figure 3: 14.51% test error.
+"""CIFAR-10 without dropout, Section 4.2 / Figure 3: 14.51% test error.
 
   python -m nin_jax.main --config experiments/cifar10_nodropout.py --workdir runs/cifar10_nodropout
 """

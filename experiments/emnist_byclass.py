@@ -1,4 +1,4 @@
-"""EMNIST byclass: the real handwritten counterpart of the seed's 62 classes (no paper figure).
+"""EMNIST byclass: the real handwritten counterpart of the generated 62 classes (no paper figure).
 
   python -m nin_jax.main --config experiments/emnist_byclass.py --workdir runs/emnist_byclass
 

@@ -28,7 +28,7 @@ def get_config():
   config.num_epochs = 100
   config.schedule = 'step'
   config.step_fractions = (0.7, 0.85)
-  config.warmup_fraction = 0.0         # none: 1% of 100 epochs is 47 steps at chance
+  config.warmup_fraction = 0.0         # none: 1% of 100 epochs would be 469 steps of MNIST
   config.learning_rate = 0.03          # 0.05 leaves chance sooner but spikes back to it
   config.init = 'data'                 # he dies at chance on real digits; docs/recipes.md
   config.weight_decay = 1e-4

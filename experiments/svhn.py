@@ -2,11 +2,11 @@
 
   python -m nin_jax.main --config experiments/svhn.py --workdir runs/svhn
 
-Trained on train + extra (604k images), as the paper; the authors' SVHN definition is marked
-"coming soon" in their folder, so nin_svhn is the best public guess (nin-reference.md). The
-recipe is experiments/cifar10.py's (data-dependent init, base rate 0.05, no warmup, the gradient
-clipped to norm 10): the old one (He init, lr 0.01, 1% warmup) trained a dead net on real
-images (docs/recipes.md).
+Trained on all of train + extra (604k images; the paper held 6,000 of them out to validate).
+The authors' SVHN definition is marked "coming soon" in their folder, so nin_svhn is the best
+public guess (docs/references.md). The recipe is experiments/cifar10.py's (data-dependent
+init, base rate 0.05, no warmup, the gradient clipped to norm 10): the old one (He init, lr
+0.01, 1% warmup) trained a dead net on real images (docs/recipes.md).
 """
 
 from experiments import default

@@ -19,11 +19,11 @@ def pooled_size(size: int) -> int:
 
 
 # `None` in `widths` stands for the number of classes (the last cccp of a GAP net). `paper_stds`
-# are the authors' Gaussian init stds per layer (nin-reference.md, "Architectures"): cuda-convnet
+# are the authors' Gaussian init stds per layer (docs/references.md): cuda-convnet
 # uses 0.05 for every CIFAR-10 weight, and its CIFAR-100 definition changes conv1 to 0.001 and
 # cccp1/2 to 0.01 (applied below when num_classes == 100). The SVHN and MNIST definitions are
 # "coming soon" in the authors' folder and ImageNet's Caffe init is not in our sources: those get
-# 0.05 too; their configs use init='data' (MNIST, EMNIST) or init='he' (SVHN, ImageNet).
+# 0.05 too; every paper config uses init='data' (docs/recipes.md).
 
 _CIFAR = dict(kernel_sizes=(5, 5, 3), strides=(1, 1, 1), paddings=(2, 2, 1),
               widths=((192, 160, 96), (192, 192, 192), (192, 192, None)),
@@ -45,17 +45,17 @@ MODELS: dict[str, dict[str, Any]] = {
                          widths=((96, 96, 96), (256, 256, 256), (384, 384, 384),
                                  (1024, 1024, None)),
                          pools=('max', 'max', 'max'), dropout_after=(False, False, True)),
-    # The seed notes' second Keras model and d2l.ai's NiN: the ImageNet shape (four mlpconvs,
-    # three pools, dropout only before the last block) sized for 28×28 grayscale and a laptop:
-    # 28→14→7→3 maps, 5×5 then 3×3 kernels at stride 1 (an 11×11/4 first layer would leave
-    # nothing of 28 pixels), widths 32/64/128 so a CPU trains the 62 characters in minutes (about
-    # 21M multiply-accumulates per image). Two changes from both, so that it trains at every seed
+    # The second Keras model of the student's notes and d2l.ai's NiN: the ImageNet shape (four
+    # mlpconvs, three pools, dropout only before the last block) sized for 28×28 grayscale and a
+    # laptop: 28→14→7→3 maps, 5×5 then 3×3 kernels at stride 1 (an 11×11/4 first layer would
+    # leave nothing of 28 pixels), widths 32/64/128 so a CPU trains the 62 characters in minutes
+    # (about 21M multiply-accumulates per image). Two changes from both, so that it trains at every seed
     # and with few classes (docs/benchmarks.md, "Sturdy recipes", has the runs):
     # - their last block has C maps in all three layers; here, as in the authors' nets (CIFAR
     #   192-192-C, ImageNet 1024-1024-1000), only the last cccp has C: with few classes a
     #   C-wide hidden layer can lose every live ReLU, and the net ends at chance.
     # - no ReLU on the class maps (`final_activation=False`), a reported fix for nets stuck at
-    #   chance (nin-reference.md): a class whose map is below zero at every position gets no
+    #   chance (docs/references.md): a class whose map is below zero at every position gets no
     #   gradient and is never predicted again, which small maps (2×2 for 16×16 digits) make
     #   common. The authors' nets keep theirs.
     'nin_small': dict(kernel_sizes=(5, 5, 3, 3), strides=(1, 1, 1, 1), paddings=(2, 2, 1, 1),

@@ -36,7 +36,7 @@ def get_config():
   config.dataset = 'folder'
   # TFDS data_dir, or the root of the folder dataset; '' is TFDS's default, ~/tensorflow_datasets.
   config.data_dir = 'data/chars'
-  # Folder dataset only: write the seed's 62 characters here when the folder does not exist.
+  # Folder dataset only: write the student's 62 characters here when the folder does not exist.
   config.generate_chars = True
   config.chars_per_class = 300         # images per class when generating
   config.test_fraction = 0.1           # folder ROOT/<class>/ layout: stratified held-out share

@@ -41,7 +41,7 @@ def check_finite(state, checkpoints, learning_rate: float) -> None:
 class DeadNetGuard:
   """Stops a run whose net is dead: every gradient exactly zero, step after step.
 
-  NIN's known failure (nin-reference.md, "stuck at chance"): when every class map is at or
+  NIN's known failure ("stuck at chance", docs/references.md): when every class map is at or
   below zero under the final ReLU, every logit is 0, the loss is ln C and no gradient reaches
   any weight, so the net can never learn again. `update` is called every step with the step's
   device metrics; every `every` steps it reads those of the steps dispatched `every` steps

@@ -1,7 +1,8 @@
-"""The seed's dataset, made again: 62 classes of single captcha-style characters, 28x28 grayscale.
+"""The student's dataset, made again: 62 classes of captcha-style characters, 28x28 grayscale.
 
-The seed trained its NIN on a folder of characters drawn with the `captcha` package's
-`ImageCaptcha`, one folder per class. This module writes such a folder, reproducibly:
+The student's notes that started this project trained a Keras NIN on a folder of characters
+drawn with the `captcha` package's `ImageCaptcha`, one folder per class. This module writes
+such a folder, reproducibly:
 
   python -m nin_jax.make_chars --out data/chars --per_class 300 --seed 0
 

@@ -9,9 +9,9 @@ The two ideas of the paper, each in one place:
   paper's Figure 4; they are sown as `intermediates/class_maps`.
 
 `get_model(name, num_classes)` builds the authors' nets exactly (layer widths, kernels, pools,
-dropout, ReLU after the last cccp) and the small NIN of the seed notes (made sturdier in two
-places), whose layers are data in `nin_jax.architectures.MODELS`. `lr_multipliers` and `weight_decay_mask` hold the authors' per-layer
-optimizer settings as data.
+dropout, ReLU after the last cccp) and the small NIN of the student's notes (made sturdier in
+two places), whose layers are data in `nin_jax.architectures.MODELS`. `lr_multipliers` and
+`weight_decay_mask` hold the authors' per-layer optimizer settings as data.
 
 Layouts: images NHWC float32; conv kernels HWIO `(k, k, C_in, C_out)` for every layer, the 1×1
 cccp layers included (their kernels are `(1, 1, C_in, C_out)`), biases `(C_out,)`. The
@@ -202,7 +202,7 @@ def init_from_data(model: NIN, params, images: jax.Array, *, class_map_std: floa
   position): half of every channel's ReLUs live, as batch normalization would have them at its
   start, but with nothing added to the net. Per channel, not per layer: a layer-wide scale (LSUV)
   leaves each channel's offset where the random kernel put it; on real CIFAR images that net was
-  still at 2.29-2.32 after 60 steps, where this one leaves 0.9 ln 10 in 75-99 steps at lr 0.05
+  still at 2.29-2.32 after 60 steps, where this one leaves 0.9 ln 10 in 74-110 steps at lr 0.05
   (docs/recipes.md). One forward pass per layer, once per run: a layer's statistics depend on the
   layers below it, already set.
 
@@ -294,7 +294,7 @@ def _last_cccp(params) -> tuple[str, str] | None:
 
 
 def lr_multipliers(params) -> Any:
-  """Per-leaf learning-rate multipliers, the authors' rule (nin-reference.md):
+  """Per-leaf learning-rate multipliers, the authors' rule (docs/references.md):
 
   weights ×1, biases ×2, and the last cccp (both its weights and bias) ×0.1 (Caffe's
   `blobs_lr 0.1 0.1` on cccp6). A pytree of Python floats with the structure of `params`.

@@ -38,9 +38,10 @@ def keep_freed_memory() -> bool:
   serves with a fresh mmap and gives back with munmap, so every step pays again for page faults
   and for zeroing the pages. With one malloc arena, no mmap and no trimming the memory is reused
   instead; the cost is that the process keeps its peak memory, and fragmentation lets the heap
-  grow for the first few steps (docs/benchmarks.md, "malloc", has the figures). Must run before
-  JAX's first computation (XLA's threads pick their arena on first use); call it from entry
-  points only, never on import. Returns whether the setting was applied.
+  grow for the first few steps (docs/benchmarks.md, "Memory reuse: malloc and XLA's freed
+  buffers", has the figures). Must run before JAX's first computation (XLA's threads pick their
+  arena on first use); call it from entry points only, never on import. Returns whether the
+  setting was applied.
   """
   if sys.platform != 'linux':
     return False
@@ -65,8 +66,9 @@ def stop_keeping_freed_memory() -> bool:
 
   For a streamed run: its data is beyond memory, and its trainer's must stay bounded. A heap
   that never returns memory grows with fragmentation, most where evaluation's temporaries
-  interleave with training's: `experiments/imagenet.py` on one CPU held 4.1-5.3 GB with it,
-  2.1-2.9 GB without (docs/streaming.md).
+  interleave with training's: `experiments/imagenet.py` on one CPU grew to 4.0 GiB after a few
+  steps and 5.6 GiB after its first evaluation with it, and stayed at 2.6 GiB without
+  (docs/streaming.md).
   """
   global _keeping_freed_memory
   if not _keeping_freed_memory:

@@ -211,12 +211,12 @@ def step_functions(config: ml_collections.ConfigDict, model: models.NIN,
 # --- Data --------------------------------------------------------------------------------------
 
 def prepare_data(config: ml_collections.ConfigDict):
-  """The run's data; generates the seed's characters first when the quickstart asks for them."""
+  """The run's data; generates the student's characters first when the quickstart asks for them."""
   from nin_jax import input_pipeline  # TFDS and TensorFlow: imported only to run
   if (config.dataset == 'folder' and config.get('generate_chars', False)
       and config.data_dir and not run_files.path(config.data_dir).exists()):
     from nin_jax import make_chars
-    logging.info('Writing the seed characters (%d per class) to %s', config.chars_per_class,
+    logging.info('Writing the generated characters (%d per class) to %s', config.chars_per_class,
                  config.data_dir)
     make_chars.make_chars(config.data_dir, config.chars_per_class, seed=config.seed,
                           image_size=config.image_size)

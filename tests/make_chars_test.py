@@ -1,4 +1,4 @@
-"""Tests for nin_jax.make_chars: the seed's 62 generated character classes."""
+"""Tests for nin_jax.make_chars: the student's 62 generated character classes."""
 
 import os
 import pathlib

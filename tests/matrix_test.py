@@ -1,6 +1,6 @@
 """Every experiment config as written, on every device layout: the same losses as one device.
 
-Issue #14's matrix: each config of experiments/ runs two steps end to end (TFDS's mock data for
+The matrix: each config of experiments/ runs two steps end to end (TFDS's mock data for
 the TFDS datasets; the generated characters for the folder configs; for imagenet, a streamed
 folder of 1000 classes) on 1, 2, 4 and 8 fake CPU
 devices in one process and on 2 processes x 4 devices, with nothing changed but the step count

@@ -89,7 +89,7 @@ def test_cifar_net_is_the_papers_size():
   assert models.count_params(params) == 966_986
   _, caffe = abstract_params('nin_cifar_caffe', 10, 32, 3)
   assert models.count_params(caffe) == 966_986
-  # About 222M multiply-accumulates per 32×32 image (nin-reference.md).
+  # About 222M multiply-accumulates per 32×32 image (docs/references.md).
   assert round(models.multiply_accumulates(models.get_model('nin_cifar', 10), 32, 3) / 1e6) == 222
 
 
@@ -321,7 +321,8 @@ def _np_pool(x, kind):
 
 
 def reference_forward(spec, params, x):
-  """The NIN forward pass in float64 numpy, written from nin-reference.md, not from models.py."""
+  """The NIN forward pass in float64 numpy, written from the authors' definitions
+  (docs/references.md), not from models.py."""
   x = x.astype(np.float64)
   blocks = len(spec['widths'])
   for b in range(blocks):

@@ -28,7 +28,7 @@ def test_global_contrast_normalize_mean_zero_norm_55():
 
 
 def _reference_zca(train, test):
-  """The maxout recipe (nin-reference.md, Protocol) in float64, written out independently."""
+  """The maxout recipe (docs/references.md) in float64, written out independently."""
   def gcn(images):
     x = images.reshape(len(images), -1).astype(np.float64)
     x = x - x.mean(axis=1, keepdims=True)

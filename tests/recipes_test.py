@@ -1,7 +1,7 @@
 """The paper's recipes learn real images: scikit-learn's 1,797 handwritten digits.
 
 Mock data proves the mechanics only: the CIFAR recipe once passed every test here and trained a
-dead net on real CIFAR images (issue #13, docs/recipes.md). These run each authors' net shape,
+dead net on real CIFAR images (docs/recipes.md). These run each authors' net shape,
 with its experiment config as written (its init, rates, schedule and preprocessing), on real
 digits and require it to leave chance within its first 50 steps (the CIFAR-shaped net: 100), at 3
 seeds. He init at the old rates stays at ln 10 there: these fail on the recipe that failed.
@@ -42,8 +42,8 @@ def test_mnist_recipe_leaves_chance_on_real_digits_within_50_steps(digits, seed)
 
 
 # The CIFAR-shaped net (nin_cifar, GCN + ZCA, 32x32x3) on the digits resized to 32x32, grey in
-# 3 channels. Measured (docs/recipes.md, session 12): it leaves at steps 48, 71 and 54 (seeds
-# 0-2), so the bound is 100, not #13's 50, which the nets on whitened images do not meet yet
+# 3 channels. Measured (docs/recipes.md): it leaves at steps 48, 71 and 54 (seeds 0-2), so the
+# bound is 100, not the 50 of the other nets, which the nets on whitened images do not meet
 # (75 to over 110 steps on real CIFAR). The old recipe (He init, lr 0.01, 1% warmup) is still at
 # 2.29-2.30 after 100 steps here: this fails on a dead or stalled recipe.
 @pytest.mark.parametrize('seed', [0, 1, 2])
