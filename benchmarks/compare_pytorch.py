@@ -165,7 +165,8 @@ def authors_param_groups(net, config) -> list[dict[str, Any]]:
 
 def _torch_worker(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
-  from nin_jax import benchmark, models, runtime  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from nin_jax import benchmark, default_config, models, runtime
 
   if args.torch_malloc == 'tuned':  # the same process setting as our entry points
     runtime.keep_freed_memory()
@@ -182,7 +183,7 @@ def _torch_worker(args) -> None:
     images = images.contiguous(memory_format=torch.channels_last)
   labels = torch.from_numpy(rng.integers(0, args.num_classes, args.batch_size))
   net(images[:1])
-  opt = torch.optim.SGD(authors_param_groups(net, benchmark.default_config()), lr=0.0)
+  opt = torch.optim.SGD(authors_param_groups(net, default_config.get_config()), lr=0.0)
 
   def train_step():
     opt.zero_grad(set_to_none=True)

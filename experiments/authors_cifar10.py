@@ -6,9 +6,9 @@ The net, data and schedule of experiments/cifar10.py, but every weight from the 
 (std 0.05, biases 0: init='paper') and the Caffe Model Zoo solver's base rate 0.1, no warmup,
 no gradient clipping.
 Kept for comparison, not as a recommendation: on real CIFAR images it is slow to leave chance
-(20.6% held-out accuracy after 10 epochs of 3,042 real images, where experiments/cifar10.py
-reaches 32-34% at 3 seeds; docs/recipes.md has the figures), and the
-public ports that use it report runs that never leave chance at all.
+(13.1-17.7% held-out accuracy after 10 epochs of 3,042 real images at 3 seeds, where
+experiments/cifar10.py reaches 30.7-32.8%; docs/recipes.md has the figures), and the public
+ports that use it report runs that never leave chance at all.
 """
 
 from experiments import cifar10

@@ -36,7 +36,7 @@ def get_config():
   config.warmup_fraction = 0.0         # none: a warmup of 1% is 60 steps at chance
   config.learning_rate = 0.05
   config.weight_decay = 1e-4           # the Caffe Model Zoo solver's
-  config.clip_gradients = 10.0         # cuts rare spikes: seed 1 25.7% -> 34.1%; docs/recipes.md
+  config.clip_gradients = 10.0         # cuts rare gradient spikes; its effect: docs/recipes.md
   config.init = 'data'                 # he dies at chance on real images; docs/recipes.md
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000

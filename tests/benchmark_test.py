@@ -222,7 +222,7 @@ def test_pytorch_twin_computes_the_same_function():
   params = model.init(jax.random.key(0), np.zeros((1, 13, 13, 3), np.float32),
                       train=False)['params']
   net = compare_pytorch.torch_nin(model, 3)
-  config = benchmark.default_config()
+  config = default_config.get_config()
   groups = compare_pytorch.authors_param_groups(net, config)
   flat = lambda tree: jax.tree.leaves(  # pylint: disable=g-long-lambda
       [[tree[b][n][k] for n in sorted(tree[b], key=lambda n: (n != 'conv', n))
