@@ -202,9 +202,9 @@ def init_from_data(model: NIN, params, images: jax.Array, *, class_map_std: floa
   position): half of every channel's ReLUs live, as batch normalization would have them at its
   start, but with nothing added to the net. Per channel, not per layer: a layer-wide scale (LSUV)
   leaves each channel's offset where the random kernel put it; on real CIFAR images that net was
-  still at 2.29-2.32 after 60 steps, where this one leaves 0.9 ln 10 in 74-110 steps at lr 0.05
-  (docs/recipes.md). One forward pass per layer, once per run: a layer's statistics depend on the
-  layers below it, already set.
+  still at 2.29-2.32 after 60 steps, where this one leaves 0.9 ln 10 in 74 to over 110 steps at
+  lr 0.05 (docs/recipes.md). One forward pass per layer, once per run: a layer's statistics
+  depend on the layers below it, already set.
 
   For a 'gap' head with the ReLU on its class maps (the authors' nets), the class-map layer is
   set instead to `class_map_std` within each map and each map's mean to `class_map_mean`: far
