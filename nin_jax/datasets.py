@@ -63,7 +63,7 @@ def load(config: ml_collections.ConfigDict, listing: FolderListing | None = None
 # --- TFDS ---------------------------------------------------------------------------------------
 
 
-def _tfds_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
+def tfds_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
   if config.dataset == 'svhn_cropped' and config.svhn_extra:
     # All of train + extra; the paper held 6,000 of them out to validate (docs/references.md).
     return 'train+extra', 'test'
@@ -72,11 +72,19 @@ def _tfds_splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
   return 'train', 'test'
 
 
-def _tfds_class_names(config: ml_collections.ConfigDict, label_feature) -> list[str]:
+def tfds_class_names(config: ml_collections.ConfigDict, label_feature) -> list[str]:
   if config.dataset == 'emnist/byclass':
     # TFDS names the 62 byclass labels '0'..'61'; they are the digits, then A-Z, then a-z.
     return list(string.digits + string.ascii_uppercase + string.ascii_lowercase)
   return list(label_feature.names)
+
+
+def tfds_not_prepared(name: str, root: str) -> str:
+  """The line that says a TFDS dataset is not prepared, and how to prepare it."""
+  return (f'TFDS dataset {name} is not prepared in {root} and runs never download; prepare it '
+          f'once with internet: python -c "import tensorflow_datasets as tfds; '
+          f"tfds.builder('{name}', data_dir='{root}').download_and_prepare()\" "
+          f'(or copy a prepared {name}/ folder into {root}, or set --config.data_dir)')
 
 
 def _load_tfds(config: ml_collections.ConfigDict):
@@ -118,11 +126,7 @@ def _load_tfds(config: ml_collections.ConfigDict):
     try:
       dataset = builder.as_dataset(split=split, shuffle_files=False)
     except AssertionError:  # TFDS's "could not find data in ...": not prepared
-      raise UserError(
-          f'TFDS dataset {name} is not prepared in {root} and runs never download; prepare it '
-          f'once with internet: python -c "import tensorflow_datasets as tfds; '
-          f"tfds.builder('{name}', data_dir='{root}').download_and_prepare()\" "
-          f'(or copy a prepared {name}/ folder into {root}, or set --config.data_dir)') from None
+      raise UserError(tfds_not_prepared(name, root)) from None
     dataset = dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
     images, labels, size_bytes = [], [], 0
     try:
@@ -134,8 +138,8 @@ def _load_tfds(config: ml_collections.ConfigDict):
           raise UserError(
               f'{name} {split} does not fit this in-memory pipeline: more than '
               f'{IN_MEMORY_MAX_BYTES / 2**30:.1f} GiB of uint8 images at {size}x{size} (half of '
-              'this machine\'s memory); a streaming pipeline for ImageNet-sized data is not '
-              'implemented yet')
+              'this machine\'s memory); stream it instead: --config.input_pipeline=stream '
+              '(docs/streaming.md)')
     except tf.errors.OpError as e:
       raise UserError(f'TFDS dataset {name} in {root} is incomplete or corrupt '
                       f'({e.message.splitlines()[0]}); delete {builder.data_dir} and prepare it '
@@ -143,12 +147,12 @@ def _load_tfds(config: ml_collections.ConfigDict):
     return (np.concatenate(images) if images else np.zeros((0, *target), np.uint8),
             np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32))
 
-  train_split, test_split = _tfds_splits(config)
+  train_split, test_split = tfds_splits(config)
   train_images, train_labels = load(train_split)
   test_images, test_labels = load(test_split)
   arrays = dict(train_images=train_images, train_labels=train_labels,
                 test_images=test_images, test_labels=test_labels)
-  return arrays, _tfds_class_names(config, features['label']), root
+  return arrays, tfds_class_names(config, features['label']), root
 
 # --- Image files --------------------------------------------------------------------------------
 

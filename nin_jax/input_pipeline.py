@@ -40,6 +40,8 @@ from nin_jax import augment
 from nin_jax import datasets
 from nin_jax import preprocessing
 from nin_jax import sampler
+from nin_jax import settings
+from nin_jax import sources
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
@@ -115,6 +117,10 @@ class Data(sampler.Sampler):
   def test_images(self, rows: np.ndarray) -> np.ndarray:
     """uint8 (len(rows), H, W, C) test images, not preprocessed."""
     return self.test_images_uint8[rows]
+
+  def test_examples(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`test_images(rows)` and their int32 labels."""
+    return self.test_images(rows), self.test_labels[rows]
 
   def train_batch(self, step: int, *, preprocessed: bool = False) -> dict[str, np.ndarray]:
     """This process's share of the global training batch of `step` (see `train_draws`):
@@ -205,27 +211,39 @@ def host_memory_bytes() -> int:
   return memory
 
 
-def streams(config: ml_collections.ConfigDict, listing: datasets.FolderListing) -> bool:
-  """Whether a folder is streamed (`nin_jax.stream`) rather than decoded into memory.
+def _train_examples(config: ml_collections.ConfigDict,
+                    listing: datasets.FolderListing | None) -> int:
+  """The training images of a listed folder, or of a TFDS dataset as catalogued."""
+  if listing is not None:
+    return len(listing.train_files)
+  examples = settings.TFDS_EXAMPLES[config.dataset]
+  return sum(examples[split] for split in datasets.tfds_splits(config)[0].split('+'))
+
+
+def streams(config: ml_collections.ConfigDict, listing: datasets.FolderListing | None) -> bool:
+  """Whether a dataset is streamed (`nin_jax.stream`) rather than decoded into memory: a listed
+  folder (`listing`), or config's TFDS dataset (listing=None).
 
   input_pipeline='stream' always; 'auto' when its decoded training images would take more than
-  stream_memory_fraction of the host's memory (estimated from the file count and image size,
-  before any is decoded), or when augment='crop_flip' needs the files' full images; logged.
+  stream_memory_fraction of the host's memory (estimated from the file count, or TFDS's
+  catalogue, and the image size, before any is decoded), or when augment='crop_flip' needs the
+  files' full images; logged.
   """
   if config.input_pipeline != 'auto':
     return config.input_pipeline == 'stream'
-  needed = len(listing.train_files) * config.image_size ** 2 * config.image_channels
+  count = _train_examples(config, listing)
+  needed = count * config.image_size ** 2 * config.image_channels
   memory = host_memory_bytes()
   limit = config.stream_memory_fraction * memory
   crops = augment.crops(config.augment)
   chosen = needed > limit or crops
   logging.info('input_pipeline=auto: %s: the decoded training images (%d at %dx%dx%d, %.2f GiB) '
-               '%s %.0f%% of this host\'s %.1f GiB of memory%s: %s', listing.root,
-               len(listing.train_files), config.image_size, config.image_size,
-               config.image_channels, needed / 2**30, 'exceed' if needed > limit else 'fit in',
-               100 * config.stream_memory_fraction, memory / 2**30,
-               '; augment=crop_flip crops each image where it is decoded' if crops else '',
-               'streaming them' if chosen else 'decoding them into memory')
+               '%s %.0f%% of this host\'s %.1f GiB of memory%s: %s',
+               listing.root if listing else config.dataset, count, config.image_size,
+               config.image_size, config.image_channels, needed / 2**30,
+               'exceed' if needed > limit else 'fit in', 100 * config.stream_memory_fraction,
+               memory / 2**30, '; augment=crop_flip crops each image where it is decoded'
+               if crops else '', 'streaming them' if chosen else 'decoding them into memory')
   return chosen
 
 
@@ -233,7 +251,8 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
                 process_count: int | None = None) -> Data:
   """Loads config.dataset, fits the preprocessing, and returns this process's batches.
 
-  A folder that `streams` gives a `stream.StreamData`, which has the same interface.
+  A dataset that `streams` (and a packed folder, always) gives a `stream.StreamData`, which
+  has the same interface.
 
   Args:
     config: see nin_jax/default_config.py (Data section and batch sizes), already checked
@@ -247,13 +266,20 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
   start = time.time()
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  listing = datasets.list_folder(config) if config.dataset == 'folder' else None
-  if listing is not None:
+  listing = None
+  if config.dataset == 'folder':
+    if sources.is_packed(config.data_dir):
+      if config.input_pipeline in ('host', 'device'):
+        raise UserError(f'config.input_pipeline={config.input_pipeline!r}: {config.data_dir} is '
+                        'packed (nin_jax.pack), and packed folders are streamed: use '
+                        'input_pipeline=auto or stream')
+      return _stream(config, sources.packed_listing(config.data_dir), process_index,
+                     process_count)
+    listing = datasets.list_folder(config)
     _check_num_classes(config, listing.class_names)
-    if streams(config, listing):
-      from nin_jax import stream  # pylint: disable=g-import-not-at-top  # it imports this module
-      return stream.create_stream_data(config, listing, process_index=process_index,
-                                       process_count=process_count)
+  if streams(config, listing):
+    return _stream(config, sources.stream_listing(config, listing), process_index,
+                   process_count)
   arrays, class_names, cache_dir, skipped = datasets.load(config, listing)
   _check_num_classes(config, class_names)
   data = data_from_arrays(config, **arrays, class_names=class_names,
@@ -264,6 +290,14 @@ def create_data(config: ml_collections.ConfigDict, *, process_index: int | None 
                config.dataset, data.num_train_examples, data.num_test_examples,
                data.image_shape, data.num_classes, config.preprocess, time.time() - start)
   return data
+
+
+def _stream(config: ml_collections.ConfigDict, listing: sources.StreamListing,
+            process_index: int, process_count: int):
+  from nin_jax import stream  # pylint: disable=g-import-not-at-top  # it imports this module
+  _check_num_classes(config, listing.class_names)
+  return stream.create_stream_data(config, listing, process_index=process_index,
+                                   process_count=process_count)
 
 
 def _check_num_classes(config: ml_collections.ConfigDict, class_names: list[str]) -> None:

@@ -1,7 +1,8 @@
 """The streaming input path: a folder of any size, read and decoded while the net trains (Grain).
 
-The in-memory path (`input_pipeline.Data`) decodes every image before step 1; this one lists the
-files (`datasets.list_folder`) and keeps only their names and labels. Its batches are the same
+The in-memory path (`input_pipeline.Data`) decodes every image before step 1; this one reads a
+source (`nin_jax.sources`: a folder's files, the shards of a packed folder, or a TFDS dataset
+prepared as ArrayRecord) and keeps only how to reach its examples. Its batches are the same
 pure functions of (seed, step), `Sampler.train_draws`, turned into images in two stages:
 
   step --[workers: Grain MapDataset]--> this process's rows and crops of the batch, their files
@@ -15,15 +16,15 @@ count, so a resumed run starts its stream at the checkpoint's step and saves no 
 a folder that fits in memory gives the in-memory path's batches exactly (tests/stream_test.py).
 With several processes each reads only its own rows of each global batch.
 
-A source is anything random-access that yields encoded images (`FileSource`: row i is the bytes
-of file i); the decoding is `datasets.decode_image`, the in-memory path's.
+A source is anything random-access that yields encoded images and their labels
+(`sources.Source`); the decoding is `datasets.decode_image`, the in-memory path's.
 
 Bad files: a file that cannot be read or decoded (truncated, not an image, deleted) is never
 fatal. In a training batch it is replaced by the next readable image of the same batch (with
 its label), in an evaluation batch it is masked out; each such file is logged once and counted
 in results.json (`skipped_files`). Only a batch with no readable image at all stops the run.
 
-  data = create_stream_data(config, listing)
+  data = create_stream_data(config, sources.stream_listing(config))
   for batch in data.train_batches(start_step): ...  # as input_pipeline.Data's
 """
 
@@ -43,6 +44,7 @@ import numpy as np
 from nin_jax import datasets
 from nin_jax import preprocessing
 from nin_jax import sampler
+from nin_jax import sources
 from nin_jax.errors import UserError
 
 if TYPE_CHECKING:  # configs are ml_collections.ConfigDicts; the accelerator hosts lack it
@@ -68,62 +70,56 @@ _FIT_STREAM = 3  # a random stream of its own (sampler uses 0 and 1, train.init_
 # --- In the workers: rows to uint8 images ------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class FileSource:
-  """Encoded images, one file per row: `source[i]` is the bytes of files[i]."""
-  files: tuple[str, ...]
-
-  def __len__(self) -> int:
-    return len(self.files)
-
-  def __getitem__(self, row: int) -> bytes:
-    return datasets.read_bytes(self.files[row])
-
-  def name(self, row: int) -> str:
-    return self.files[row]
-
-
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-  """`datasets.decode_image` with a run's sizes bound."""
+  """`datasets.decode_image` with a run's sizes bound (and TFDS's EMNIST transposed back)."""
   image_size: int
   channels: int
   resize_size: int = 0
+  transpose: bool = False
 
   @property
   def shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, self.channels)
 
 
-def read_rows(source: FileSource, decoder: Decoder, rows: np.ndarray,
-              crops: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_rows(source: sources.Source, decoder: Decoder, rows: np.ndarray,
+              crops: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
   """Decodes `rows` of `source`, cropped at `crops` ((n, 2) in [0, 1); None: centred).
 
   Returns:
-    (uint8 (n, S, S, C), zero where unreadable; bool (n,) which rows were readable; one line
-    per unreadable file, naming it).
+    (uint8 (n, S, S, C), zero where unreadable; int32 (n,) their labels, 0 where unreadable;
+    bool (n,) which rows were readable; one line per unreadable example, naming it).
+
+  Raises:
+    UserError: a source that cannot be read at all (a truncated shard), naming it.
   """
   images = np.zeros((len(rows), *decoder.shape), np.uint8)
+  labels = np.zeros(len(rows), np.int32)
   readable = np.zeros(len(rows), bool)
   bad = []
   with datasets.strict_decoding():
     for i, row in enumerate(rows.tolist()):
       try:
-        images[i] = datasets.decode_image(
-            source[row], decoder.image_size, decoder.channels, resize_size=decoder.resize_size,
+        data, labels[i] = source.read(row)
+        image = datasets.decode_image(
+            data, decoder.image_size, decoder.channels, resize_size=decoder.resize_size,
             crop=None if crops is None else tuple(crops[i]))
+        images[i] = image.transpose(1, 0, 2) if decoder.transpose else image
         readable[i] = True
+      except UserError:
+        raise
       except Exception as e:  # pylint: disable=broad-except  # PIL raises many types on bad data
         bad.append(datasets.bad_image_message(source.name(row), e))
-  return images, readable, bad
+  return images, labels, readable, bad
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _SplitBatches:
   """What a worker needs to make one split's batches: pickled to each worker once."""
   sampler: sampler.Sampler
-  source: FileSource
-  labels: np.ndarray
+  source: sources.Source
   decoder: Decoder
 
 
@@ -137,7 +133,8 @@ class TrainBatch(_SplitBatches):
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     draws = self.sampler.train_draws(step)
     rows = draws['rows']
-    images, readable, bad = read_rows(self.source, self.decoder, rows, draws.get('crops'))
+    images, labels, readable, bad = read_rows(self.source, self.decoder, rows,
+                                              draws.get('crops'))
     if not readable.any():
       raise UserError(f'step {step}: not one of the {len(rows)} images of this batch is '
                       f'readable ({bad[0]}); is the folder still there?')
@@ -145,8 +142,8 @@ class TrainBatch(_SplitBatches):
       good = np.flatnonzero(readable)
       for i in np.flatnonzero(~readable):
         j = good[np.searchsorted(good, i) % len(good)]
-        images[i], rows[i] = images[j], rows[j]
-    return {'image': images, 'label': self.labels[rows], 'shifts': draws['shifts'],
+        images[i], labels[i] = images[j], labels[j]
+    return {'image': images, 'label': labels, 'shifts': draws['shifts'],
             'flips': draws['flips'], 'skipped': np.array(bad, dtype=str)}
 
 
@@ -157,9 +154,11 @@ class EvalBatch(_SplitBatches):
     draws = self.sampler.eval_draw(j)
     mask = draws['mask'].copy()
     images = np.zeros((len(mask), *self.decoder.shape), np.uint8)
-    images[mask], readable, bad = read_rows(self.source, self.decoder, draws['rows'][mask])
+    labels = np.zeros(len(mask), np.int32)
+    images[mask], labels[mask], readable, bad = read_rows(self.source, self.decoder,
+                                                          draws['rows'][mask])
     mask[np.flatnonzero(mask)[~readable]] = False
-    labels = np.where(mask, self.labels[draws['rows']], 0).astype(np.int32)
+    labels[~mask] = 0
     return {'image': images, 'label': labels, 'mask': mask, 'skipped': np.array(bad, dtype=str)}
 
 
@@ -235,12 +234,11 @@ def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
 
 @dataclasses.dataclass(kw_only=True, eq=False)
 class StreamData(sampler.Sampler):
-  """A folder's batches, streamed: the interface of `input_pipeline.Data` without its arrays.
+  """A dataset's batches, streamed: the interface of `input_pipeline.Data` without its arrays.
 
   Attributes (beyond `Sampler`'s):
     num_classes, class_names, image_shape, preprocessor: as `Data`'s.
-    train_source, test_source: the files of each split.
-    train_labels, test_labels: int32 (N,).
+    train_source, test_source: the examples of each split (`nin_jax.sources`).
     decoder: the run's image sizes.
     workers: worker processes (0: decoded on threads of the trainer).
     skipped_files: the unreadable files met so far (each once), in the order met.
@@ -249,10 +247,8 @@ class StreamData(sampler.Sampler):
   class_names: list[str]
   image_shape: tuple[int, int, int]
   preprocessor: preprocessing.Preprocessor
-  train_source: FileSource = dataclasses.field(repr=False)
-  train_labels: np.ndarray = dataclasses.field(repr=False)
-  test_source: FileSource = dataclasses.field(repr=False)
-  test_labels: np.ndarray = dataclasses.field(repr=False)
+  train_source: sources.Source = dataclasses.field(repr=False)
+  test_source: sources.Source = dataclasses.field(repr=False)
   decoder: Decoder
   workers: int = 0
   skipped_files: list[str] = dataclasses.field(default_factory=list)
@@ -270,18 +266,23 @@ class StreamData(sampler.Sampler):
           logging.warning('Skipping %s (%d unreadable file(s) so far)', line,
                           len(self.skipped_files))
 
-  def _images(self, source: FileSource, rows: np.ndarray) -> np.ndarray:
-    images, _, bad = read_rows(source, self.decoder, np.asarray(rows))
+  def _examples(self, source: sources.Source, rows: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    images, labels, _, bad = read_rows(source, self.decoder, np.asarray(rows))
     self._note_skipped(bad)
-    return images
+    return images, labels
 
   def train_images(self, rows: np.ndarray) -> np.ndarray:
     """uint8 (len(rows), S, S, C) centre crops of training images (black where unreadable)."""
-    return self._images(self.train_source, rows)
+    return self._examples(self.train_source, rows)[0]
 
   def test_images(self, rows: np.ndarray) -> np.ndarray:
     """uint8 (len(rows), S, S, C) test images as evaluated (black where unreadable)."""
-    return self._images(self.test_source, rows)
+    return self._examples(self.test_source, rows)[0]
+
+  def test_examples(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`test_images(rows)` and their int32 labels (0 where unreadable)."""
+    return self._examples(self.test_source, rows)
 
   def train_batches(self, start_step: int = 0, *,
                     preprocessed: bool = False) -> Iterator[dict[str, np.ndarray]]:
@@ -290,8 +291,7 @@ class StreamData(sampler.Sampler):
     del preprocessed
     import grain  # pylint: disable=g-import-not-at-top
     steps = grain.MapDataset.range(start_step, 2**62)
-    batches = steps.map(TrainBatch(self.sampler(), self.train_source, self.train_labels,
-                                   self.decoder))
+    batches = steps.map(TrainBatch(self.sampler(), self.train_source, self.decoder))
     for batch in stream(batches, self.workers):
       self._note_skipped(batch.pop('skipped').tolist())
       yield batch
@@ -302,7 +302,7 @@ class StreamData(sampler.Sampler):
     del preprocessed
     import grain  # pylint: disable=g-import-not-at-top
     batches = grain.MapDataset.range(self.num_eval_batches).map(
-        EvalBatch(self.sampler(), self.test_source, self.test_labels, self.decoder))
+        EvalBatch(self.sampler(), self.test_source, self.decoder))
     for batch in stream(batches, self.workers):
       self._note_skipped(batch.pop('skipped').tolist())
       yield batch
@@ -313,36 +313,34 @@ def decoded_bytes(config: ml_collections.ConfigDict, num_images: int) -> int:
   return num_images * config.image_size ** 2 * config.image_channels
 
 
-def create_stream_data(config: ml_collections.ConfigDict, listing: datasets.FolderListing, *,
+def create_stream_data(config: ml_collections.ConfigDict, listing: sources.StreamListing, *,
                        process_index: int, process_count: int) -> StreamData:
-  """The streamed batches of a listed folder; fits the preprocessing on a sample of it."""
+  """The streamed batches of a dataset; fits the preprocessing on a sample of it."""
   start = time.time()
-  decoder = Decoder(config.image_size, config.image_channels, config.resize_size)
-  train_source = FileSource(tuple(listing.train_files))
-  fit_images, skipped = _read_for_fit(train_source, decoder, config.seed)
+  decoder = Decoder(config.image_size, config.image_channels, config.resize_size,
+                    listing.transpose)
+  fit_images, skipped = _read_for_fit(listing.train, decoder, config.seed)
   preprocessor = preprocessing.fit_or_load_preprocessor(
-      config.preprocess, fit_images, os.path.join(listing.root, datasets.CACHE_FOLDER),
-      config.dataset)
+      config.preprocess, fit_images, listing.cache_dir, config.dataset)
   data = StreamData(
       num_classes=len(listing.class_names), class_names=list(listing.class_names),
       image_shape=decoder.shape, preprocessor=preprocessor,
-      num_train_examples=len(train_source), num_test_examples=len(listing.test_files),
+      num_train_examples=len(listing.train), num_test_examples=len(listing.test),
       batch_size=int(config.batch_size), eval_batch_size=int(config.eval_batch_size),
       seed=int(config.seed) % 2**63, augment=config.augment,
       translate_pixels=int(config.translate_pixels), process_index=process_index,
-      process_count=process_count, train_source=train_source, train_labels=listing.train_labels,
-      test_source=FileSource(tuple(listing.test_files)), test_labels=listing.test_labels,
+      process_count=process_count, train_source=listing.train, test_source=listing.test,
       decoder=decoder, workers=worker_count(config.stream_workers))
   data._note_skipped(skipped)  # pylint: disable=protected-access
   logging.info('%s: streaming %d train, %d test (%s) images, %d classes, with %d worker '
-               'process(es); %s fitted on %d of them; ready in %.1f s', listing.root,
+               'process(es); %s fitted on %d of them; ready in %.1f s', listing.description,
                data.num_train_examples, data.num_test_examples, listing.test_split,
                data.num_classes, data.workers, config.preprocess, len(fit_images),
                time.time() - start)
   return data
 
 
-def _read_for_fit(source: FileSource, decoder: Decoder, seed: int
+def _read_for_fit(source: sources.Source, decoder: Decoder, seed: int
                   ) -> tuple[np.ndarray, list[str]]:
   """The readable centre crops of a sample of the training images (see FIT_IMAGES; all of a
   small folder, in order, as the in-memory path fits on), decoded on a few threads; and the
@@ -356,8 +354,8 @@ def _read_for_fit(source: FileSource, decoder: Decoder, seed: int
   chunks = np.array_split(rows, max(1, len(rows) // 64))
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     results = list(pool.map(lambda chunk: read_rows(source, decoder, chunk), chunks))
-  images = np.concatenate([images[readable] for images, readable, _ in results])
+  images = np.concatenate([images[readable] for images, _, readable, _ in results])
   if not len(images):
     raise UserError(f'{source.name(0)}: not one of the {len(rows)} training images read to fit '
                     'the preprocessing is readable')
-  return images, [line for _, _, bad in results for line in bad]
+  return images, [line for *_, bad in results for line in bad]

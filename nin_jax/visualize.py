@@ -106,7 +106,7 @@ def sample_test_images(config, count: int) -> tuple[np.ndarray, np.ndarray]:
   if not data.num_test_examples:
     raise UserError(f'the test split of dataset {config.dataset!r} is empty: pass --images')
   picks = np.unique(np.linspace(0, data.num_test_examples - 1, count).round().astype(int))
-  return data.test_images(picks), np.asarray(data.test_labels)[picks]
+  return data.test_examples(picks)
 
 
 def visualize(workdir: str, out: str, image_paths: Sequence[str] = (), num_images: int = 4,

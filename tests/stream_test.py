@@ -146,8 +146,9 @@ def test_crop_flip_crops_every_batch_differently_and_needs_the_stream(photos):
   assert draws['crops'].shape == (8, 2) and draws['flips'].any() and not draws['shifts'].any()
   with contextlib.closing(data.train_batches(3)) as batches:
     batch = next(batches)
-  images, _, _ = stream.read_rows(data.train_source, data.decoder, draws['rows'], draws['crops'])
-  centred, _, _ = stream.read_rows(data.train_source, data.decoder, draws['rows'])
+  images, _, _, _ = stream.read_rows(data.train_source, data.decoder, draws['rows'],
+                                     draws['crops'])
+  centred, _, _, _ = stream.read_rows(data.train_source, data.decoder, draws['rows'])
   assert (images != centred).any()
   np.testing.assert_array_equal(batch['image'], images)  # the crops, uint8
   np.testing.assert_array_equal(batch['flips'], draws['flips'])
@@ -196,7 +197,7 @@ def test_bad_files_are_skipped_counted_and_replaced_in_their_batch(tmp_path, cap
   readable = [j for j in range(len(rows)) if rows[j] != bad_row]
   j = next((k for k in readable if k > i), readable[0])  # the batch's next readable image
   np.testing.assert_array_equal(batch['image'][i], batch['image'][j])
-  assert batch['label'][i] == data.train_labels[rows[j]]
+  assert batch['label'][i] == data.train_source.labels[rows[j]]
   assert sum(b['mask'].sum() for b in evaluated) == 8  # 9 test images, one unreadable
   assert [line.split(':')[0] for line in data.skipped_files] == [
       os.path.join(root, 'train', 'dog', '000.JPEG'), os.path.join(root, 'val', 'owl', '000.JPEG')]
