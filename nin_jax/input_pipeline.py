@@ -226,8 +226,8 @@ def streams(config: ml_collections.ConfigDict, listing: datasets.FolderListing |
 
   input_pipeline='stream' always; 'auto' when its decoded training images would take more than
   stream_memory_fraction of the host's memory (estimated from the file count, or TFDS's
-  catalogue, and the image size, before any is decoded), or when augment='crop_flip' needs the
-  files' full images; logged.
+  catalogue, and the image size, before any is decoded), when augment='crop_flip' needs the
+  files' full images, or when a TFDS dataset is resized (resize_size); logged.
   """
   if config.input_pipeline != 'auto':
     return config.input_pipeline == 'stream'
@@ -236,14 +236,17 @@ def streams(config: ml_collections.ConfigDict, listing: datasets.FolderListing |
   memory = host_memory_bytes()
   limit = config.stream_memory_fraction * memory
   crops = augment.crops(config.augment)
-  chosen = needed > limit or crops
+  resizes = listing is None and bool(config.resize_size)  # TFDS in memory is read at image_size
+  chosen = needed > limit or crops or resizes
   logging.info('input_pipeline=auto: %s: the decoded training images (%d at %dx%dx%d, %.2f GiB) '
                '%s %.0f%% of this host\'s %.1f GiB of memory%s: %s',
                listing.root if listing else config.dataset, count, config.image_size,
                config.image_size, config.image_channels, needed / 2**30,
                'exceed' if needed > limit else 'fit in', 100 * config.stream_memory_fraction,
-               memory / 2**30, '; augment=crop_flip crops each image where it is decoded'
-               if crops else '', 'streaming them' if chosen else 'decoding them into memory')
+               memory / 2**30, ''.join(
+                   ['; augment=crop_flip crops each image where it is decoded'] * crops
+                   + ['; resize_size: only the stream resizes a TFDS dataset'] * resizes),
+               'streaming them' if chosen else 'decoding them into memory')
   return chosen
 
 

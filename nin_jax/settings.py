@@ -217,14 +217,11 @@ def _check_combinations(config) -> None:
       config.step_fractions[0] <= config.warmup_fraction):
     raise bad('step_fractions', f'drops the rate inside the warmup (warmup_fraction='
               f'{config.warmup_fraction}); each drop must come after it')
-  streams = config.input_pipeline == 'stream'
-  if streams and config.dataset != 'folder':
-    raise bad('input_pipeline', f'reads image folders only (dataset=\'folder\'); '
-              f'{config.dataset} is read into memory: use input_pipeline=auto')
-  if config.resize_size and config.dataset != 'folder':
-    raise bad('resize_size', f'needs dataset=\'folder\' ({config.dataset} is read at '
-              f'image_size); e.g. --config.dataset=folder --config.data_dir=ROOT with ROOT/train/ '
-              'and ROOT/val/ class folders')
+  if (config.resize_size and config.dataset != 'folder'
+      and config.input_pipeline in ('host', 'device')):
+    raise bad('resize_size', f'needs the stream with a TFDS dataset ({config.dataset} is read '
+              f'into memory at image_size with input_pipeline={config.input_pipeline}): use '
+              'input_pipeline=stream (or auto)')
   if config.resize_size and config.resize_size < config.image_size:
     raise bad('resize_size', f'must be 0 or at least image_size={config.image_size} (the '
               'crops are image_size wide)')

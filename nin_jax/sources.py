@@ -124,16 +124,24 @@ class PackedSource:
     shard = bisect.bisect_right(self._starts, row) - 1
     return shard, row - self._starts[shard]
 
-  def read(self, row: int) -> tuple[bytes, int]:
+  def _record(self, row: int) -> dict[str, Any]:
     import msgpack  # pylint: disable=g-import-not-at-top
     shard, position = self._locate(row)
     reader = self._readers.get(self.shards[shard], self.records[shard])
-    record = msgpack.unpackb(reader.read([position])[0], raw=False)
+    return msgpack.unpackb(reader.read([position])[0], raw=False)
+
+  def read(self, row: int) -> tuple[bytes, int]:
+    record = self._record(row)
     return record['image'], int(record['label'])
 
   def name(self, row: int) -> str:
+    """'SHARD record K (the packed file's path)'."""
     shard, position = self._locate(row)
-    return f'{self.shards[shard]} record {position}'
+    try:
+      packed = f' ({self._record(row)["name"]})'
+    except Exception:  # pylint: disable=broad-except  # only naming it: the read says what failed
+      packed = ''
+    return f'{self.shards[shard]} record {position}{packed}'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

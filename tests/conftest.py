@@ -34,6 +34,19 @@ def write_folder(root, images, labels, class_names):
   return str(root)
 
 
+def write_photos(root, per_class=(10, 3), classes=('cat', 'dog', 'owl'), seed=0):
+  """ROOT/train/<class>/*.JPEG + ROOT/val/<class>/*.JPEG of random sizes (12-30 px a side)."""
+  rng = np.random.default_rng(seed)
+  for split, count in zip(('train', 'val'), per_class):
+    for label, name in enumerate(classes):
+      os.makedirs(os.path.join(root, split, name), exist_ok=True)
+      for i in range(count):
+        h, w = rng.integers(12, 31, 2)
+        pixels = rng.integers(0, 256, (h, w, 3), np.uint8) // (label + 1)
+        Image.fromarray(pixels).save(os.path.join(root, split, name, f'{i:03d}.JPEG'))
+  return str(root)
+
+
 @pytest.fixture(scope='session')
 def digits_folder(tmp_path_factory):
   """scikit-learn's 1,797 8×8 digits as a class-per-folder tree of PNGs."""

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import REPO, config_flags, read_metrics, run_main, tiny_config
+from conftest import REPO, config_flags, read_metrics, run_main, tiny_config, write_photos
 from experiments import default
 from nin_jax import datasets
 from nin_jax import device_input
@@ -24,19 +24,6 @@ from nin_jax import sampler
 from nin_jax import settings
 from nin_jax import stream
 from nin_jax.errors import UserError
-
-
-def _write_imagenet_layout(root, per_class=(10, 3), classes=('cat', 'dog', 'owl'), seed=0):
-  """ROOT/train/<class>/*.JPEG + ROOT/val/<class>/*.JPEG of random sizes (12-30 px a side)."""
-  rng = np.random.default_rng(seed)
-  for split, count in zip(('train', 'val'), per_class):
-    for label, name in enumerate(classes):
-      os.makedirs(os.path.join(root, split, name), exist_ok=True)
-      for i in range(count):
-        h, w = rng.integers(12, 31, 2)
-        pixels = rng.integers(0, 256, (h, w, 3), np.uint8) // (label + 1)
-        Image.fromarray(pixels).save(os.path.join(root, split, name, f'{i:03d}.JPEG'))
-  return str(root)
 
 
 def _config(root, **overrides):
@@ -61,7 +48,7 @@ def _create(config, process_index=0, process_count=1):
 
 @pytest.fixture(scope='module')
 def photos(tmp_path_factory):
-  return _write_imagenet_layout(tmp_path_factory.mktemp('photos'))
+  return write_photos(tmp_path_factory.mktemp('photos'))
 
 
 # --- The same batches as in memory --------------------------------------------------------------
@@ -100,7 +87,7 @@ def test_train_val_layout_and_its_messages(tmp_path, photos):
   assert data.class_names == ['cat', 'dog', 'owl']
   assert (data.num_train_examples, data.num_test_examples) == (30, 9)
   np.testing.assert_array_equal(data.test_labels, np.repeat([0, 1, 2], 3))
-  lone = _write_imagenet_layout(tmp_path / 'lone', per_class=(2, 1))
+  lone = write_photos(tmp_path / 'lone', per_class=(2, 1))
   os.rename(os.path.join(lone, 'train'), os.path.join(lone, 'training'))
   with pytest.raises(UserError, match=r'val/ folder but no train/ folder'):
     _create(_config(lone))
@@ -178,7 +165,7 @@ def test_auto_streams_a_folder_larger_than_its_share_of_memory(photos, monkeypat
 
 
 def test_bad_files_are_skipped_counted_and_replaced_in_their_batch(tmp_path, caplog):
-  root = _write_imagenet_layout(tmp_path / 'bad')
+  root = write_photos(tmp_path / 'bad')
   good = open(os.path.join(root, 'train', 'dog', '001.JPEG'), 'rb').read()
   with open(os.path.join(root, 'train', 'dog', '000.JPEG'), 'wb') as f:
     f.write(good[:len(good) // 2])  # truncated
@@ -206,7 +193,7 @@ def test_bad_files_are_skipped_counted_and_replaced_in_their_batch(tmp_path, cap
 
 
 def test_an_error_in_a_worker_is_one_line_naming_the_file(tmp_path):
-  root = _write_imagenet_layout(tmp_path / 'gone', per_class=(3, 1))
+  root = write_photos(tmp_path / 'gone', per_class=(3, 1))
   data = _create(_config(root, input_pipeline='stream', stream_workers=2, batch_size=4))
   for path in data.train_source.files:  # every training image gone after the start
     os.remove(path)
@@ -235,7 +222,7 @@ def _stream_run_config(root, **overrides):
 def test_a_streamed_run_killed_with_sigkill_resumes_bit_exact(tmp_path):
   """Under `python -m nin_jax.main` (absl's flags, two workers): killed between checkpoints,
   its workers end with it; resumed, it ends with the uninterrupted run's records."""
-  root = _write_imagenet_layout(tmp_path / 'photos')
+  root = write_photos(tmp_path / 'photos')
   config = _stream_run_config(root)
   straight = run_main(tmp_path / 'straight', config)
   assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
@@ -292,7 +279,7 @@ finally:
 
 def test_two_processes_each_read_only_their_own_rows(tmp_path):
   import socket
-  root = _write_imagenet_layout(tmp_path / 'photos', per_class=(40, 4))  # 15 steps an epoch
+  root = write_photos(tmp_path / 'photos', per_class=(40, 4))  # 15 steps an epoch
   config = _stream_run_config(root, stream_workers=0, num_train_steps=8,
                               checkpoint_every_steps=8, eval_every_steps=8)
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
