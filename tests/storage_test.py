@@ -153,3 +153,41 @@ def test_a_run_on_a_bucket_is_killed_resumes_bit_exactly_and_writes_every_file_t
   assert results['step'] == 60
   steps = sorted(int(p.rsplit('/', 1)[1]) for p in bucket.ls(f'{run}/{run_files.CHECKPOINTS}'))
   assert steps[-1] == 60, steps
+
+
+_SAME_BATCHES = """
+import sys
+sys.path.insert(0, 'tests')
+from sources_test import _assert_same_batches, _batches, _config
+from nin_jax import input_pipeline
+for dataset, local, remote in zip(*[iter(sys.argv[1:])] * 3):
+  batches = []
+  for data_dir in (local, remote):
+    data = input_pipeline.create_data(_config(dataset, data_dir, stream_workers=1),
+                                      process_index=0, process_count=1)
+    batches.append(_batches(data, steps=2))
+  _assert_same_batches(*batches)
+  print('same batches:', remote, data.num_train_examples, flush=True)
+"""
+
+
+def test_a_folder_its_packed_shards_and_tfds_array_record_stream_from_a_bucket(
+    emulator, tmp_path):
+  from sources_test import prepare_tfds_cifar10, write_cifar_folder  # pylint: disable=g-import-not-at-top
+  from nin_jax import pack  # pylint: disable=g-import-not-at-top
+  folder = write_cifar_folder(tmp_path / 'folder')
+  pack.pack(folder, str(tmp_path / 'packed'), records_per_shard=8, progress=False)
+  prepare_tfds_cifar10(folder, tmp_path / 'tfds')
+  bucket = _bucket(emulator)
+  for name in ('folder', 'packed', 'tfds'):
+    bucket.put(f'{tmp_path / name}/', f'{_BUCKET}/sources/{name}/', recursive=True)
+  args = []
+  for dataset, name in (('folder', 'folder'), ('folder', 'packed'), ('cifar10', 'tfds')):
+    args += [dataset, str(tmp_path / name), f'gs://{_BUCKET}/sources/{name}']
+  # ArrayRecord's reader opens gs:// itself (google-cloud-cpp), pointed at the emulator here.
+  env = dict(_env(emulator), CLOUD_STORAGE_EMULATOR_ENDPOINT=emulator)
+  done = subprocess.run([sys.executable, '-c', _SAME_BATCHES, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=_TIMEOUT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines() == [f'same batches: gs://{_BUCKET}/sources/{name} 30'
+                                      for name in ('folder', 'packed', 'tfds')]
