@@ -301,6 +301,7 @@ def define_flags() -> None:
   else:
     flags.DEFINE_string('config', None, 'input: needs ml_collections (pip install ml-collections).')
   flags.DEFINE_bool('mock', False, 'input: TFDS mock data instead of the real dataset.')
+  flags.DEFINE_integer('num_batches', 200, 'input: batches timed (after 3 untimed ones).')
   flags.DEFINE_bool('keep_freed_memory', True, 'CPU: let malloc reuse freed memory (see '
                     'runtime.keep_freed_memory); --nokeep_freed_memory measures without it.')
 
@@ -311,7 +312,7 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
   host path gives it (a gather with its draws; preprocessed at load where the split fits), sent
   to the devices and made into the network's batch by training's own jitted function
   (`device_input.train_batch`: the rest of the preprocessing, and the augmentation), waited
-  for.
+  for. A streamed dataset's batches are timed as they reach the trainer (`_stream_benchmark`).
 
   Args:
     config: the experiment's config.
@@ -322,7 +323,10 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
 
   Returns:
     {'images_per_sec', 'seconds_per_batch', 'load_seconds', 'batch_size', 'num_batches',
-     'num_train_examples', 'dataset', 'preprocessed_at_load', 'preprocess', 'augment'}
+     'num_train_examples', 'dataset', 'preprocess', 'augment', 'input_pipeline'} and, in memory,
+    'preprocessed_at_load'; streamed, 'workers', 'cpu_cores_busy' (CPU seconds of the trainer
+    and its workers per second), 'source' (FileSource, PackedSource or TfdsSource),
+    'skipped_files', 'resize_size', 'image_size'.
   """
   if config is None:
     raise UserError('input: name the experiment with --config=experiments/NAME.py')
@@ -344,6 +348,11 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
   else:
     data = input_pipeline.create_data(config, process_index=0, process_count=1)
   load_seconds = time.time() - start
+  facts = dict(load_seconds=load_seconds, batch_size=data.batch_size, num_batches=num_batches,
+               num_train_examples=data.num_train_examples, dataset=config.dataset,
+               preprocess=config.preprocess, augment=config.augment)
+  if getattr(data, 'streamed', False):
+    return _stream_benchmark(data, num_batches, facts)
   from nin_jax import device_input  # pylint: disable=g-import-not-at-top
   replicated, sharded = parallel.shardings(parallel.create_mesh())
   arrays = device_input.put_on_devices(data, replicated, dataset=False)
@@ -357,11 +366,47 @@ def input_benchmark(config, *, mock: bool, num_batches: int = 200,
   seconds = time.perf_counter() - start
   batches.close()
   return dict(images_per_sec=num_batches * data.batch_size / seconds,
-              seconds_per_batch=seconds / num_batches, load_seconds=load_seconds,
-              batch_size=data.batch_size, num_batches=num_batches,
-              num_train_examples=data.num_train_examples, dataset=config.dataset,
-              preprocessed_at_load=getattr(data, 'preprocesses_at_load', False),
-              preprocess=config.preprocess, augment=config.augment)
+              seconds_per_batch=seconds / num_batches, input_pipeline='host',
+              preprocessed_at_load=getattr(data, 'preprocesses_at_load', False), **facts)
+
+
+def _stream_benchmark(data, num_batches: int, facts: dict[str, Any]) -> dict[str, Any]:
+  """Times a stream's training batches as they reach the trainer: read, decoded, resized and
+  cropped by its workers, uint8 in the trainer's memory. What remains (to the devices, the
+  normalisation and the flips) is the train step's, on the accelerator, so it is not timed: on
+  a CPU it would take the workers' cores."""
+  batches = data.train_batches(0)
+  try:
+    for _ in range(3):  # the workers start, and fill their buffers
+      next(batches)
+    start = time.perf_counter()
+    cpu = _cpu_seconds()
+    for _ in range(num_batches):
+      next(batches)
+    seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu
+  finally:
+    batches.close()
+  return dict(images_per_sec=num_batches * data.batch_size / seconds,
+              seconds_per_batch=seconds / num_batches, input_pipeline='stream',
+              workers=data.workers, cpu_cores_busy=cpu / seconds,
+              source=type(data.train_source).__name__, skipped_files=len(data.skipped_files),
+              resize_size=data.decoder.resize_size, image_size=data.decoder.image_size, **facts)
+
+
+def _cpu_seconds() -> float:
+  """CPU time (user + system) of this process and its children that have ended, and of its
+  live worker processes (from /proc: Linux)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  total = sum(os.times()[:4])
+  for child in multiprocessing.active_children():
+    try:
+      with open(f'/proc/{child.pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
 
 
 def main(argv: list[str]) -> None:
@@ -372,7 +417,7 @@ def main(argv: list[str]) -> None:
   cpu_tuned = argv[1] != 'input' and FLAGS.keep_freed_memory and runtime.keep_freed_memory()
   try:
     if argv[1] == 'input':
-      result = input_benchmark(FLAGS.config, mock=FLAGS.mock)
+      result = input_benchmark(FLAGS.config, mock=FLAGS.mock, num_batches=FLAGS.num_batches)
     else:
       result = run_benchmark(
           argv[1], FLAGS.model, batch_size=FLAGS.batch_size, steps=FLAGS.steps,

@@ -181,6 +181,8 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
   whatever colour the transparent pixels happen to hold, often black).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.mode == ('L' if channels == 1 else 'RGB') and 'transparency' not in image.info:
+    return image  # most photos: nothing to convert
   image = _to_8bit(image)
   if image.mode == 'P':
     image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
@@ -236,6 +238,9 @@ def decode_image(data: bytes, image_size: int, channels: int, *, resize_size: in
   - resize_size>0: the shorter side to `resize_size`, aspect kept (as the Caffe ImageNet nets
     were trained), then an `image_size` x `image_size` window: centred (crop=None), or at
     (u, v) in [0, 1)^2 of the free range in y and x (a random crop: `Sampler.train_draws`).
+  A JPEG at least twice the size it is resized to is first decoded at 1/2, 1/4 or 1/8 of its
+  size (`_draft_scale`); colour JPEGs are decoded by simplejpeg where it is installed, to the
+  pixels PIL gives (`_decode_jpeg_fast`).
 
   Call it inside `strict_decoding()`, or a truncated file may decode with a black part.
 
@@ -249,30 +254,83 @@ def decode_image(data: bytes, image_size: int, channels: int, *, resize_size: in
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if channels not in (1, 3):
     raise ValueError(f'channels={channels}: must be 1 or 3')
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()  # decode now: a truncated file fails here, not later
-    image = _to_channels(image, channels)
-  if not resize_size:
-    if image.size != (image_size, image_size):
-      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+  pixels = _decode_jpeg_fast(data, image_size, resize_size) if channels == 3 else None
+  if pixels is None:
+    with Image.open(io.BytesIO(data)) as image:
+      size = _resized_size(image.size, image_size, resize_size)
+      if image.format == 'JPEG':
+        image.draft(None, size)  # see _draft_scale
+      image.load()  # decode now: a truncated file fails here, not later
+      image = _to_channels(image, channels)
   else:
-    w, h = image.size
-    scale = resize_size / min(w, h)
-    size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
-    if size != image.size:
+    image = None
+    size = _resized_size(pixels.shape[1::-1], image_size, resize_size)
+    if pixels.shape[1::-1] != size:
+      image = Image.fromarray(pixels)
+  if image is not None:
+    if image.size != size:
       image = image.resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8).reshape(size[1], size[0], channels)
+  if resize_size:  # the image_size window: centred, or where drawn
     free_x, free_y = size[0] - image_size, size[1] - image_size
     if crop is None:
       top, left = free_y // 2, free_x // 2
     else:
       top, left = min(int(crop[0] * (free_y + 1)), free_y), min(int(crop[1] * (free_x + 1)), free_x)
-    if (free_x, free_y) != (0, 0):
-      image = image.crop((left, top, left + image_size, top + image_size))
-  return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+    pixels = pixels[top:top + image_size, left:left + image_size]
+  return pixels
+
+
+def _resized_size(size: tuple[int, int], image_size: int, resize_size: int) -> tuple[int, int]:
+  """(width, height) an image of `size` is resized to before its crop: see decode_image."""
+  if not resize_size:
+    return (image_size, image_size)
+  w, h = size
+  scale = resize_size / min(w, h)
+  return (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
+
+
+def _draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+  """1, 2, 4 or 8: the JPEG of `size` is decoded at 1/scale of it, in the DCT domain, when it is
+  at least twice the `target` it is resized to (PIL's draft mode; never below `target`), as
+  PIL's `JpegImageFile.draft` picks it. ImageNet's larger photos decode several times faster;
+  a photo within twice its target is decoded whole."""
+  scale = min(size[0] // target[0], size[1] // target[1])
+  return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def _decode_jpeg_fast(data: bytes, image_size: int, resize_size: int) -> np.ndarray | None:
+  """An RGB JPEG (YCbCr, as photos are) decoded by simplejpeg, at `_draft_scale`; None for
+  anything else (or without simplejpeg), which PIL decodes.
+
+  Why not PIL alone: simplejpeg decodes with the same libjpeg-turbo settings (the accurate
+  integer IDCT, fancy upsampling) to the same pixels, at PIL's draft scales too, straight into a
+  numpy array: a 256-px photo in 0.15 ms where PIL takes 0.25 ms to decode and hand over its
+  pixels (docs/streaming.md). A truncated file raises ValueError, as PIL does under
+  `strict_decoding`.
+  """
+  try:
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  try:
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+  except ValueError:  # not a JPEG, or not one it reads: PIL decides
+    return None
+  if colorspace != 'YCbCr':  # grayscale, CMYK, Adobe RGB JPEGs: PIL's conversions
+    return None
+  scale = _draft_scale((width, height), _resized_size((width, height), image_size, resize_size))
+  return simplejpeg.decode_jpeg(data, colorspace='RGB', fastdct=False, fastupsample=False,
+                                min_height=-(-height // scale), min_width=-(-width // scale),
+                                strict=True)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-  """A whole file: one request each on a bucket (a streamed read there stalls PIL's threads)."""
+  """A whole file: one request each on a bucket (a streamed read there stalls PIL's threads).
+  A local file is read with `open`, in half the time epath takes (10 us against 20 us)."""
+  if run_files.is_local(path):
+    with open(path, 'rb') as f:
+      return f.read()
   return run_files.path(path).read_bytes()
 
 

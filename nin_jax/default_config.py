@@ -57,12 +57,15 @@ def get_config():
   config.translate_pixels = 2          # maximum random shift for the translate augmentations
   # Where batches are assembled: 'host' (numpy, on a thread beside the step), 'device' (the whole
   # uint8 dataset on every accelerator; gather, preprocessing and augmentation inside the jitted
-  # step: the same batches), 'stream' (folder only: the files are read and decoded while it
-  # trains, by stream_workers processes; for data beyond memory), 'auto' (stream for a folder
-  # whose decoded training images exceed stream_memory_fraction of the host's memory or with
-  # augment='crop_flip'; else device on GPU/TPU when the data takes <= 1/4 of its memory, else host).
+  # step: the same batches), 'stream' (the files, a packed folder's shards or a TFDS dataset's
+  # ArrayRecord files are read and decoded while it trains, by stream_workers processes; for data
+  # beyond memory), 'auto' (stream a dataset whose decoded training images exceed
+  # stream_memory_fraction of the host's memory, a packed folder, augment='crop_flip' and a TFDS
+  # dataset with resize_size; else device on GPU/TPU when the data takes <= 1/4 of its memory,
+  # else host).
   config.input_pipeline = 'auto'
   config.stream_workers = -1           # stream: worker processes; 0: threads in the trainer; -1: auto
+  config.stream_threads = 2            # stream_workers=0: the trainer's decoding threads
   config.stream_memory_fraction = 0.25  # see input_pipeline='auto'
 
   # --- Model ------------------------------------------------------------------------------------

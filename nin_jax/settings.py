@@ -119,6 +119,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     'translate_pixels': _typed('int', 0),
     'input_pipeline': _choice(*INPUT_PIPELINES),
     'stream_workers': _typed('int', 0, 256, also=(-1,)),
+    'stream_threads': _typed('int', 1, 256),
     'stream_memory_fraction': _typed('float', 0, 1, low_open=True),
     # Model
     'model': _model,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 import multiprocessing
 import os
 import threading
@@ -62,12 +63,65 @@ WORKER_BUFFER = 2
 # Arrays from the workers at least this large come through shared memory (the images), smaller
 # ones (labels, draws) pickled with their batch.
 SHARED_MEMORY_MIN_BYTES = 2**16
-# Threads that decode in the trainer itself with stream_workers=0 (PIL releases the GIL).
-IN_PROCESS_THREADS = 2
 _FIT_STREAM = 3  # a random stream of its own (sampler uses 0 and 1, train.init_images 2)
 
 
 # --- In the workers: rows to uint8 images ------------------------------------------------------
+
+_in_worker = False  # set in each worker process (`_worker_init`)
+_MADV_POPULATE_WRITE = 23  # Linux's madvise advice; Python's mmap module names it from 3.14
+
+
+def _new_images(count: int, shape: tuple[int, int, int]) -> np.ndarray:
+  """A zeroed uint8 (count, *shape) batch of images; in a worker, in shared memory.
+
+  A worker decodes straight into the block the trainer reads the batch from, so no batch is
+  copied between decoding and the devices (Grain passes a SharedMemoryArray by its name; copying
+  9.6 MB batches of 224-px images into a block, and out of it again in the trainer, took half a
+  core there: docs/streaming.md).
+  """
+  if _in_worker and count:
+    images = _shared_array_type()((count, *shape), np.uint8)  # zeroed, as a new file is
+    _unsent[images.shm.name] = images.shm
+    try:  # its pages, allocated in one call rather than one fault each (Linux 5.14+)
+      images.shm._mmap.madvise(_MADV_POPULATE_WRITE)  # pylint: disable=protected-access
+    except (AttributeError, OSError, ValueError):
+      pass
+    return images
+  return _zeros(count, shape)
+
+
+def _zeros(count: int, shape: tuple[int, int, int]) -> np.ndarray:
+  return np.zeros((count, *shape), np.uint8)
+
+
+# A worker's blocks that Grain has not yet passed on: a worker stopped with batches in its
+# buffers unlinks theirs as it exits (`_unlink_unsent`), as Grain does for the blocks it makes.
+_unsent = {}
+
+
+@functools.cache
+def _shared_array_type():
+  """Grain's SharedMemoryArray, noting when Grain passes one on (by its metadata)."""
+  from grain import multiprocessing as grain_mp  # pylint: disable=g-import-not-at-top
+
+  class SharedImages(grain_mp.SharedMemoryArray):
+
+    @property
+    def metadata(self):
+      _unsent.pop(self.shm.name, None)
+      return super().metadata
+
+  return SharedImages
+
+
+def _unlink_unsent() -> None:
+  for shm in list(_unsent.values()):
+    try:
+      shm.unlink()
+    except FileNotFoundError:
+      pass
+  _unsent.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +138,10 @@ class Decoder:
 
 
 def read_rows(source: sources.Source, decoder: Decoder, rows: np.ndarray,
-              crops: np.ndarray | None = None
+              crops: np.ndarray | None = None, *, shared: bool = False
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-  """Decodes `rows` of `source`, cropped at `crops` ((n, 2) in [0, 1); None: centred).
+  """Decodes `rows` of `source`, cropped at `crops` ((n, 2) in [0, 1); None: centred), into
+  shared memory in a worker if `shared` (`_new_images`).
 
   Returns:
     (uint8 (n, S, S, C), zero where unreadable; int32 (n,) their labels, 0 where unreadable;
@@ -95,7 +150,7 @@ def read_rows(source: sources.Source, decoder: Decoder, rows: np.ndarray,
   Raises:
     UserError: a source that cannot be read at all (a truncated shard), naming it.
   """
-  images = np.zeros((len(rows), *decoder.shape), np.uint8)
+  images = (_new_images if shared else _zeros)(len(rows), decoder.shape)
   labels = np.zeros(len(rows), np.int32)
   readable = np.zeros(len(rows), bool)
   bad = []
@@ -134,7 +189,7 @@ class TrainBatch(_SplitBatches):
     draws = self.sampler.train_draws(step)
     rows = draws['rows']
     images, labels, readable, bad = read_rows(self.source, self.decoder, rows,
-                                              draws.get('crops'))
+                                              draws.get('crops'), shared=True)
     if not readable.any():
       raise UserError(f'step {step}: not one of the {len(rows)} images of this batch is '
                       f'readable ({bad[0]}); is the folder still there?')
@@ -153,7 +208,7 @@ class EvalBatch(_SplitBatches):
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     draws = self.sampler.eval_draw(j)
     mask = draws['mask'].copy()
-    images = np.zeros((len(mask), *self.decoder.shape), np.uint8)
+    images = _new_images(len(mask), self.decoder.shape)
     labels = np.zeros(len(mask), np.int32)
     images[mask], labels[mask], readable, bad = read_rows(self.source, self.decoder,
                                                           draws['rows'][mask])
@@ -171,6 +226,10 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   thread here waits for the parent's end and exits then.
   """
   del worker_index, worker_count
+  global _in_worker
+  _in_worker = True
+  from multiprocessing import util  # pylint: disable=g-import-not-at-top
+  util.Finalize(None, _unlink_unsent, exitpriority=10)  # at the worker's exit
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax  # pylint: disable=g-import-not-at-top  # Grain imports it; no backend has started
   jax.config.update('jax_platforms', 'cpu')
@@ -190,21 +249,21 @@ def worker_count(setting: int) -> int:
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
-  """A worker's array as the trainer's own: a shared-memory block is copied and released now
-  (Grain would release it from a thread, later, and may not before the trainer exits)."""
+  """A worker's array as the trainer's own, not copied: a shared-memory block's name is
+  released now (Grain would release it from a thread, later, and may not before the trainer
+  exits); the block stays mapped until the array is freed, and then goes."""
   shm = getattr(array, 'shm', None)
   if shm is None:
     return array
-  owned = np.array(array)
   array._unlink_on_del = False  # pylint: disable=protected-access  # released here, once
-  shm.close()
   shm.unlink()
-  return owned
+  return array
 
 
-def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
-  """Iterates a Grain MapDataset with `workers` processes (0: threads in this process), in
-  order, and stops its workers when the loop ends, however it ends."""
+def stream(dataset, workers: int, threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates a Grain MapDataset with `workers` processes (0: `threads` threads in this process,
+  the decoders releasing the GIL), in order, and stops its workers when the loop ends, however
+  it ends."""
   import grain  # pylint: disable=g-import-not-at-top  # only runs that stream pay its import
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():  # a library caller: Grain reads its absl flags (defaults here)
@@ -218,7 +277,7 @@ def stream(dataset, workers: int) -> Iterator[dict[str, np.ndarray]]:
             worker_init_fn=_worker_init)
   else:
     iterable = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=IN_PROCESS_THREADS, prefetch_buffer_size=IN_PROCESS_THREADS))
+        num_threads=threads, prefetch_buffer_size=threads))
   iterator = iter(iterable)
   try:
     for element in iterator:
@@ -240,7 +299,7 @@ class StreamData(sampler.Sampler):
     num_classes, class_names, image_shape, preprocessor: as `Data`'s.
     train_source, test_source: the examples of each split (`nin_jax.sources`).
     decoder: the run's image sizes.
-    workers: worker processes (0: decoded on threads of the trainer).
+    workers: worker processes (0: decoded on `threads` threads of the trainer).
     skipped_files: the unreadable files met so far (each once), in the order met.
   """
   num_classes: int
@@ -251,6 +310,7 @@ class StreamData(sampler.Sampler):
   test_source: sources.Source = dataclasses.field(repr=False)
   decoder: Decoder
   workers: int = 0
+  threads: int = 2
   skipped_files: list[str] = dataclasses.field(default_factory=list)
   streamed = True
   _skipped_lock: threading.Lock = dataclasses.field(init=False, repr=False,
@@ -292,7 +352,7 @@ class StreamData(sampler.Sampler):
     import grain  # pylint: disable=g-import-not-at-top
     steps = grain.MapDataset.range(start_step, 2**62)
     batches = steps.map(TrainBatch(self.sampler(), self.train_source, self.decoder))
-    for batch in stream(batches, self.workers):
+    for batch in stream(batches, self.workers, self.threads):
       self._note_skipped(batch.pop('skipped').tolist())
       yield batch
 
@@ -303,7 +363,7 @@ class StreamData(sampler.Sampler):
     import grain  # pylint: disable=g-import-not-at-top
     batches = grain.MapDataset.range(self.num_eval_batches).map(
         EvalBatch(self.sampler(), self.test_source, self.decoder))
-    for batch in stream(batches, self.workers):
+    for batch in stream(batches, self.workers, self.threads):
       self._note_skipped(batch.pop('skipped').tolist())
       yield batch
 
@@ -330,7 +390,8 @@ def create_stream_data(config: ml_collections.ConfigDict, listing: sources.Strea
       seed=int(config.seed) % 2**63, augment=config.augment,
       translate_pixels=int(config.translate_pixels), process_index=process_index,
       process_count=process_count, train_source=listing.train, test_source=listing.test,
-      decoder=decoder, workers=worker_count(config.stream_workers))
+      decoder=decoder, workers=worker_count(config.stream_workers),
+      threads=int(config.stream_threads))
   data._note_skipped(skipped)  # pylint: disable=protected-access
   logging.info('%s: streaming %d train, %d test (%s) images, %d classes, with %d worker '
                'process(es); %s fitted on %d of them; ready in %.1f s', listing.description,

@@ -203,6 +203,21 @@ def test_input_benchmark_times_the_pipeline_on_mock_data():
   assert result['num_train_examples'] == 64 and config.data_dir == ''
 
 
+def test_input_benchmark_times_a_stream_as_its_batches_reach_the_trainer(tmp_path):
+  from conftest import write_photos  # pylint: disable=g-import-not-at-top
+  from experiments import imagenet  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config()
+  config.update(dict(data_dir=write_photos(tmp_path / 'photos', per_class=(6, 2)),
+                     num_classes=3, image_size=16, resize_size=20, batch_size=4,
+                     input_pipeline='stream', stream_workers=1))
+  result = benchmark.input_benchmark(config, mock=False, num_batches=4)
+  assert result['images_per_sec'] > 0 and result['input_pipeline'] == 'stream'
+  assert (result['workers'], result['source'], result['num_train_examples']) == (
+      1, 'FileSource', 18)
+  assert result['cpu_cores_busy'] >= 0
+  assert (result['resize_size'], result['image_size'], result['skipped_files']) == (20, 16, 0)
+
+
 def test_pytorch_twin_computes_the_same_function():
   """benchmarks/compare_pytorch.py's independent PyTorch net: same logits, same gradients."""
   pytest.importorskip('torch')

@@ -85,3 +85,53 @@ def test_load_image_bad_file_names_the_file(tmp_path, make):
   path = make(tmp_path)
   with pytest.raises(UserError, match=str(path.name)):
     datasets.load_image(path, 8, 1)
+
+
+def _photo(width, height, mode='RGB', subsampling=2, seed=0):
+  """A JPEG of a smooth, photo-like picture: gradients, a disc and mild noise."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[:height, :width] / max(width, height)
+  pixels = np.stack([200 * x + 30, 150 * y + 50, 120 * (x + y) / 2 + 60], -1)
+  pixels[(x - 0.5) ** 2 + (y - 0.4) ** 2 < 0.05] = (240, 40, 30)
+  pixels += rng.normal(0, 6, pixels.shape)
+  image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode)
+  buffer = io.BytesIO()
+  image.save(buffer, 'JPEG', quality=90, subsampling=subsampling)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('size, args', [
+    ((256, 256), (224, 256)), ((500, 375), (224, 256)), ((1200, 900), (224, 256)),
+    ((300, 200), (12, 16)), ((300, 200), (20, 0)), ((40, 30), (32, 0)), ((13, 29), (12, 16))])
+@pytest.mark.parametrize('mode, subsampling', [('RGB', 2), ('RGB', 0), ('L', 0)])
+def test_jpeg_decodes_alike_with_and_without_simplejpeg(monkeypatch, size, args, mode,
+                                                        subsampling):
+  simplejpeg = pytest.importorskip('simplejpeg')
+  data = _photo(*size, mode=mode, subsampling=subsampling)
+  image_size, resize_size = args
+  fast_calls = []
+  monkeypatch.setattr(simplejpeg, 'decode_jpeg', lambda *a, _real=simplejpeg.decode_jpeg, **k:
+                      fast_calls.append(1) or _real(*a, **k))
+  with datasets.strict_decoding():
+    for crop in (None, (0.3, 0.8)):
+      fast = datasets.decode_image(data, image_size, 3, resize_size=resize_size, crop=crop)
+      with monkeypatch.context() as m:
+        m.setitem(__import__('sys').modules, 'simplejpeg', None)  # import fails: PIL decodes
+        pil = datasets.decode_image(data, image_size, 3, resize_size=resize_size, crop=crop)
+      np.testing.assert_array_equal(fast, pil)
+      assert fast.shape == (image_size, image_size, 3)
+  assert len(fast_calls) == (2 if mode == 'RGB' else 0)  # grayscale JPEGs are PIL's
+  cut = data[:len(data) // 2]
+  with datasets.strict_decoding(), pytest.raises(Exception):
+    datasets.decode_image(cut, image_size, 3, resize_size=resize_size)
+
+
+def test_a_large_jpeg_decoded_at_a_draft_scale_is_the_full_decode_resized():
+  data = _photo(1200, 900)  # 4.7x its target (341 x 256): decoded at 1/4, then resized
+  with datasets.strict_decoding():
+    drafted = datasets.decode_image(data, 224, 3, resize_size=256).astype(float)
+  full = Image.open(io.BytesIO(data)).convert('RGB').resize((341, 256),
+                                                             Image.Resampling.BILINEAR)
+  full = np.asarray(full, float)[16:240, 58:282]  # its centre 224 crop
+  assert np.abs(drafted - full).mean() < 3  # within noise: the same picture at the same size
+  assert np.abs(drafted - full).mean() > 0  # ... not decoded whole
