@@ -2,12 +2,15 @@
 
   python -m nin_jax.main --config experiments/imagenet.py --workdir runs/imagenet \
     --config.data_dir=ROOT
+  python -m nin_jax.main --config experiments/imagenet.py --workdir runs/imagenet \
+    --config.dataset=imagenet2012 --config.data_dir=TFDS_DIR
 
 ROOT holds ImageNet in its usual folder layout, ROOT/train/<class>/*.JPEG and
-ROOT/val/<class>/*.JPEG (as torchvision's ImageFolder reads it); the files are streamed
-(docs/streaming.md): read, decoded, resized and cropped by worker processes while the net
-trains. (TFDS's imagenet2012 does not fit in memory, and is not streamed.) Any other folder in
-that layout trains the same way with --config.num_classes=ITS_CLASSES.
+ROOT/val/<class>/*.JPEG (as torchvision's ImageFolder reads it), or that folder packed into
+shards by `python -m nin_jax.pack ROOT PACKED`; or TFDS's imagenet2012, prepared as ArrayRecord
+in TFDS_DIR. Either way the images are streamed (docs/streaming.md): read, decoded, resized and
+cropped by worker processes while the net trains. Any other folder in that layout trains the
+same way with --config.num_classes=ITS_CLASSES.
 
 Caffe's solver: batch 64, lr 0.01 x0.1 every 200k of 450k iterations, momentum 0.9, weight decay
 5e-4, 224x224 crops with mirroring; the images resized to 256 on their shorter side.

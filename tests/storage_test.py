@@ -158,20 +158,23 @@ def test_a_run_on_a_bucket_is_killed_resumes_bit_exactly_and_writes_every_file_t
 _SAME_BATCHES = """
 import sys
 sys.path.insert(0, 'tests')
-from sources_test import _assert_same_batches, _batches, _config
+from experiments import imagenet
+from sources_test import _assert_same_batches, _batches
 from nin_jax import input_pipeline
 for dataset, local, remote in zip(*[iter(sys.argv[1:])] * 3):
   batches = []
   for data_dir in (local, remote):
-    data = input_pipeline.create_data(_config(dataset, data_dir, stream_workers=1),
-                                      process_index=0, process_count=1)
+    config = imagenet.get_config()  # its 256-px crops of 224, scaled down to the 32-px images
+    config.update(dict(dataset=dataset, data_dir=data_dir, num_classes=10, image_size=24,
+                       resize_size=28, batch_size=8, eval_batch_size=8, stream_workers=1))
+    data = input_pipeline.create_data(config, process_index=0, process_count=1)
     batches.append(_batches(data, steps=2))
   _assert_same_batches(*batches)
   print('same batches:', remote, data.num_train_examples, flush=True)
 """
 
 
-def test_a_folder_its_packed_shards_and_tfds_array_record_stream_from_a_bucket(
+def test_the_imagenet_config_streams_a_folder_its_shards_and_tfds_from_a_bucket(
     emulator, tmp_path):
   from sources_test import prepare_tfds_cifar10, write_cifar_folder  # pylint: disable=g-import-not-at-top
   from nin_jax import pack  # pylint: disable=g-import-not-at-top
