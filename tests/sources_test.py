@@ -103,10 +103,18 @@ def cifar_folder(tmp_path_factory):
   return write_cifar_folder(tmp_path_factory.mktemp('cifar_folder'))
 
 
-def test_folder_packed_shards_and_tfds_array_record_give_the_same_batches(cifar_folder, tmp_path):
-  packed = str(tmp_path / 'packed')
-  pack.pack(cifar_folder, packed, records_per_shard=7, progress=False)  # 5 shards, one short
-  tfds_dir = prepare_tfds_cifar10(cifar_folder, tmp_path / 'tfds')
+@pytest.fixture(scope='module')
+def packed_and_tfds(cifar_folder, tmp_path_factory):
+  """The folder packed (5 shards of 7 training files, one short) and as TFDS's cifar10."""
+  root = tmp_path_factory.mktemp('sources')
+  packed = str(root / 'packed')
+  pack.pack(cifar_folder, packed, records_per_shard=7, progress=False)
+  return packed, prepare_tfds_cifar10(cifar_folder, root / 'tfds')
+
+
+def test_folder_packed_shards_and_tfds_array_record_give_the_same_batches(cifar_folder,
+                                                                          packed_and_tfds):
+  packed, tfds_dir = packed_and_tfds
   folder = input_pipeline.create_data(_config('folder', cifar_folder), process_index=0,
                                       process_count=1)
   expected = _batches(folder)
@@ -117,6 +125,27 @@ def test_folder_packed_shards_and_tfds_array_record_give_the_same_batches(cifar_
     assert data.class_names == list(CIFAR_CLASSES)
     assert (data.num_train_examples, data.num_test_examples) == (30, 10)
     _assert_same_batches(_batches(data), expected)
+
+
+_WITHOUT_TENSORFLOW = """
+import sys
+sys.path.insert(0, 'tests')
+from sources_test import _batches, _config
+from nin_jax import input_pipeline
+for dataset, data_dir in (('folder', sys.argv[1]), ('cifar10', sys.argv[2])):
+  data = input_pipeline.create_data(_config(dataset, data_dir, stream_workers=1),
+                                    process_index=0, process_count=1)
+  _batches(data, steps=2)
+assert 'tensorflow' not in sys.modules, 'the stream imported TensorFlow'
+print('streamed without TensorFlow')
+"""
+
+
+def test_packed_shards_and_tfds_stream_without_importing_tensorflow(packed_and_tfds):
+  done = subprocess.run([sys.executable, '-c', _WITHOUT_TENSORFLOW, *packed_and_tfds], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip() == 'streamed without TensorFlow'
 
 
 def test_pack_index_and_records(cifar_folder, tmp_path):
