@@ -97,7 +97,8 @@ def _load_tfds(config: ml_collections.ConfigDict):
   root = config.data_dir or tfds.core.constants.DATA_DIR
   if config.data_dir and not _is_dir(config.data_dir):
     raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
-                    f'folder holding the prepared {name} (or use \'\' for {root})')
+                    f'folder holding the prepared {name} (or use \'\' for '
+                    f'{tfds.core.constants.DATA_DIR})')
   builder = tfds.builder(name, data_dir=config.data_dir or None)
   features = builder.info.features
   native = tuple(features['image'].shape)

@@ -275,13 +275,16 @@ def tfds_listing(config: ml_collections.ConfigDict) -> StreamListing:
   root = config.data_dir or tfds.core.constants.DATA_DIR
   if config.data_dir and not run_files.path(config.data_dir).is_dir():
     raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
-                    f'folder holding the prepared {name} (or use \'\' for {root})')
+                    f'folder holding the prepared {name} (or use \'\' for '
+                    f'{tfds.core.constants.DATA_DIR})')
   builder = tfds.builder(name, data_dir=config.data_dir or None)
   splits = {}
   for key, split in zip(('train', 'test'), datasets.tfds_splits(config)):
     try:
       source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
-    except NotImplementedError:  # prepared, but as TFRecord
+    except NotImplementedError:  # not prepared, or prepared as TFRecord
+      if not builder.is_prepared():
+        raise UserError(datasets.tfds_not_prepared(name, root)) from None
       raise UserError(
           f'{name} in {builder.data_dir} is prepared as TFRecord files, and streaming reads '
           'ArrayRecord: convert it once with `tfds convert_format --dataset_version_dir='

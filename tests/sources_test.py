@@ -256,6 +256,13 @@ def test_a_tfds_dataset_as_tfrecord_says_how_to_convert_it(cifar_folder, tmp_pat
   assert not data.streamed and data.num_train_examples == 30
 
 
+def test_a_tfds_dataset_not_prepared_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(UserError, match=r'^TFDS dataset cifar10 is not prepared in .* and runs '
+                     'never download; prepare it once with internet'):
+    input_pipeline.create_data(_config('cifar10', str(tmp_path)), process_index=0,
+                               process_count=1)
+
+
 def test_tfds_mock_data_streams_through_the_imagenet_config(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = imagenet.get_config()
