@@ -189,8 +189,17 @@ def test_the_imagenet_config_streams_a_folder_its_shards_and_tfds_from_a_bucket(
     args += [dataset, str(tmp_path / name), f'gs://{_BUCKET}/sources/{name}']
   # ArrayRecord's reader opens gs:// itself (google-cloud-cpp), pointed at the emulator here.
   env = dict(_env(emulator), CLOUD_STORAGE_EMULATOR_ENDPOINT=emulator)
+  packed_there = f'gs://{_BUCKET}/sources/packed_there'  # packed straight onto the bucket
+  done = subprocess.run([sys.executable, '-m', 'nin_jax.pack', folder, packed_there,
+                         '--records_per_shard=8'], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=_TIMEOUT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  bucket.invalidate_cache()
+  assert sorted(p.rsplit('/', 1)[1] for p in bucket.ls(packed_there[5:])) == sorted(
+      os.listdir(tmp_path / 'packed'))  # the shards and the index, no temporary left
+  args += ['folder', str(tmp_path / 'packed'), packed_there]
   done = subprocess.run([sys.executable, '-c', _SAME_BATCHES, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=_TIMEOUT)
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.splitlines() == [f'same batches: gs://{_BUCKET}/sources/{name} 30'
-                                      for name in ('folder', 'packed', 'tfds')]
+                                      for name in ('folder', 'packed', 'tfds', 'packed_there')]
