@@ -87,6 +87,22 @@ def tfds_not_prepared(name: str, root: str) -> str:
           f'(or copy a prepared {name}/ folder into {root}, or set --config.data_dir)')
 
 
+def tfds_builder(config: ml_collections.ConfigDict):
+  """(the folder holding config's TFDS dataset, its builder), for the in-memory path and the
+  stream alike.
+
+  Raises:
+    UserError: config.data_dir is set and does not exist.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # no TensorFlow
+  if config.data_dir and not _is_dir(config.data_dir):
+    raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
+                    f'folder holding the prepared {config.dataset} (or use \'\' for '
+                    f'{tfds.core.constants.DATA_DIR})')
+  return (config.data_dir or tfds.core.constants.DATA_DIR,
+          tfds.builder(config.dataset, data_dir=config.data_dir or None))
+
+
 def _load_tfds(config: ml_collections.ConfigDict):
   """Decodes both splits of a prepared TFDS dataset into uint8 arrays; never downloads."""
   # Imported here: the folder path and the prediction tools should not pay TF's start-up.
@@ -94,12 +110,7 @@ def _load_tfds(config: ml_collections.ConfigDict):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   name = config.dataset
-  root = config.data_dir or tfds.core.constants.DATA_DIR
-  if config.data_dir and not _is_dir(config.data_dir):
-    raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
-                    f'folder holding the prepared {name} (or use \'\' for '
-                    f'{tfds.core.constants.DATA_DIR})')
-  builder = tfds.builder(name, data_dir=config.data_dir or None)
+  root, builder = tfds_builder(config)
   features = builder.info.features
   native = tuple(features['image'].shape)
   if name == 'emnist/byclass':

@@ -151,14 +151,12 @@ def pack(root: str, out: str, *, records_per_shard: int = RECORDS_PER_SHARD,
   out_path.mkdir(parents=True, exist_ok=True)
   run_files.write_json_atomic(plan_path, wanted)
 
-  jobs = []
+  jobs = []  # the shards to write: those that exist are complete
   for split, files, labels in (('train', listing.train_files, listing.train_labels),
                                ('test', listing.test_files, listing.test_labels)):
-    start = 0
-    for shard in wanted['splits'][split]['shards']:
-      rows = slice(start, start + shard['records'])
-      start += shard['records']
-      if not (out_path / shard['file']).exists():  # a shard that exists is complete
+    for i, shard in enumerate(wanted['splits'][split]['shards']):
+      rows = slice(i * records_per_shard, (i + 1) * records_per_shard)  # as `plan` cut them
+      if not (out_path / shard['file']).exists():
         jobs.append((shard, files[rows], labels[rows]))
   total = len(listing.train_files) + len(listing.test_files)
   done = total - sum(len(files) for _, files, _ in jobs)

@@ -272,12 +272,7 @@ def tfds_listing(config: ml_collections.ConfigDict) -> StreamListing:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # no TensorFlow
   name = config.dataset
-  root = config.data_dir or tfds.core.constants.DATA_DIR
-  if config.data_dir and not run_files.path(config.data_dir).is_dir():
-    raise UserError(f'config.data_dir={config.data_dir!r} does not exist; point it at the '
-                    f'folder holding the prepared {name} (or use \'\' for '
-                    f'{tfds.core.constants.DATA_DIR})')
-  builder = tfds.builder(name, data_dir=config.data_dir or None)
+  root, builder = datasets.tfds_builder(config)
   splits = {}
   for key, split in zip(('train', 'test'), datasets.tfds_splits(config)):
     try:
